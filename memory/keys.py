@@ -1,0 +1,107 @@
+"""Redis key layout of L2, in one place.
+
+Every key of one session shares the hash tag ``{<tenant>:<session>}`` so that a
+Lua script or MULTI/EXEC touching several of them runs on one Redis Cluster slot.
+Ids are validated before they get here (``validate_id``): no ``{``, ``}``, ``*``,
+``:`` or NUL can reach a key, so one session can never address another's keys.
+
+| key | type | holds | TTL |
+|---|---|---|---|
+| ``tm:{t:s}:meta`` | hash | session state: version, counters, cursors, summaries | session TTL |
+| ``tm:{t:s}:log`` | list | append-only turn log (one JSON entry per turn) | session TTL |
+| ``tm:{t:s}:turn:<turn_id>`` | string | idempotency record of a turn (its index) | turn record TTL |
+| ``tm:{t:s}:lease:archive`` | string | archive lease holder | lease length |
+| ``tm:{t:s}:batch:<batch_id>`` | hash | outbox record of a batch until L3 confirms | none until L3 confirms, then 1 day |
+| ``tm:{t:s}:rcache`` | hash | retrieval cache | retrieval cache TTL |
+| ``tm:{t:s}:cp:<ns>:<checkpoint_id>`` | string | LangGraph checkpoint record | session TTL |
+| ``tm:{t:s}:cpidx:<ns>`` | zset | checkpoint ids of a namespace (lex order) | session TTL |
+| ``tm:{t:s}:cpw:<ns>:<checkpoint_id>`` | hash | LangGraph pending writes | session TTL |
+| ``tm:{t:s}:cpns`` | set | checkpoint namespaces of the thread | session TTL |
+"""
+
+from __future__ import annotations
+
+import re
+
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+PREFIX = "tm"
+
+
+class InvalidId(ValueError):
+    """An id that could escape its key or filter (braces, wildcards, quotes, NUL...)."""
+
+
+def validate_id(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise InvalidId(f"{what} must match [A-Za-z0-9._-]{{1,128}}")
+    return value
+
+
+def thread_id(tenant: str, session: str) -> str:
+    """LangGraph thread id of a session: ``{tenant}:{session}``."""
+    return f"{validate_id(tenant, 'tenant')}:{validate_id(session, 'session_id')}"
+
+
+def split_thread_id(thread: str) -> tuple[str, str]:
+    tenant, sep, session = thread.partition(":")
+    if not sep:
+        raise InvalidId("thread id must be '<tenant>:<session>'")
+    return validate_id(tenant, "tenant"), validate_id(session, "session_id")
+
+
+def tag(thread: str) -> str:
+    """The key prefix ``tm:{<tenant>:<session>}`` shared by all keys of a thread."""
+    split_thread_id(thread)
+    return f"{PREFIX}:{{{thread}}}"
+
+
+class SessionKeys:
+    """All L2 keys of one session."""
+
+    __slots__ = ("base", "session", "tenant", "thread")
+
+    def __init__(self, tenant: str, session: str) -> None:
+        self.tenant = validate_id(tenant, "tenant")
+        self.session = validate_id(session, "session_id")
+        self.thread = f"{tenant}:{session}"
+        self.base = f"{PREFIX}:{{{self.thread}}}"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.base}:meta"
+
+    @property
+    def log(self) -> str:
+        return f"{self.base}:log"
+
+    @property
+    def archive_lease(self) -> str:
+        return f"{self.base}:lease:archive"
+
+    @property
+    def rcache(self) -> str:
+        return f"{self.base}:rcache"
+
+    @property
+    def cp_namespaces(self) -> str:
+        return f"{self.base}:cpns"
+
+    def turn(self, turn_id: str) -> str:
+        return f"{self.base}:turn:{validate_id(turn_id, 'turn_id')}"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.base}:batch:{batch_id}"
+
+    def cp(self, ns: str, checkpoint_id: str) -> str:
+        return f"{self.base}:cp:{ns}:{checkpoint_id}"
+
+    def cp_index(self, ns: str) -> str:
+        return f"{self.base}:cpidx:{ns}"
+
+    def cp_writes(self, ns: str, checkpoint_id: str) -> str:
+        return f"{self.base}:cpw:{ns}:{checkpoint_id}"
+
+
+META_SCAN_PATTERN = f"{PREFIX}:{{*}}:meta"
