@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     # so compactions are rare (each one costs a prefix-cache miss).
     compaction_target_ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
     retrieve_k: int = Field(default=4, ge=1, le=50)
+    # A retrieval slower than this is skipped for the turn (memory is a bonus).
+    retrieve_timeout_s: float = 2.0
+    # How long a commit keeps retrying while Redis is unreachable before the
+    # turn ends with a retryable error.
+    commit_deadline_s: float = 5.0
     # auto: retrieve when the message looks like it needs the past; always; never.
     retrieve_mode: Literal["auto", "always", "never"] = "auto"
     # The stable prefix: system prompt and (optional) JSON file of tools and skills.

@@ -1,0 +1,55 @@
+"""Session reads and release."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from app.deps import ServicesDep, TenantDep
+from app.errors import ApiError
+from app.routes.turns import SessionId
+from memory.l2_store import L2Error
+
+router = APIRouter()
+
+
+@router.get("/v1/sessions/{session_id}")
+async def get_session(session_id: SessionId, tenant: TenantDep, services: ServicesDep) -> Any:
+    """The session as stored in L2: counters, version, running summary and the
+    unarchived turns."""
+    try:
+        state = await services.l2.load(tenant, session_id, scope="unarchived")
+    except L2Error as exc:
+        raise ApiError(503, "storage_unavailable", "session storage unavailable") from exc
+    if state is None:
+        raise ApiError(404, "session_not_found", f"no session {session_id!r}")
+    unarchived = [t for t in state.turns if t.index > state.archived_upto]
+    return {
+        "session_id": session_id,
+        "user_id": state.user_id,
+        "version": state.version,
+        "turn_count": state.turn_count,
+        "archived_upto": state.archived_upto,
+        "unarchived_count": state.unarchived,
+        "running_summary": state.summary,
+        "context_start": state.context_start,
+        "prefix_version": state.prefix_version,
+        "created_at": state.created_at,
+        "updated_at": state.updated_at,
+        "in_l1": (tenant, session_id) in services.l1,
+        "unarchived_turns": [
+            {"turn": t.index, "turn_id": t.turn_id, "user": t.user, "assistant": t.assistant,
+             "status": t.status, "created_at": t.created_at}
+            for t in unarchived
+        ],  # fmt: skip
+    }
+
+
+@router.post("/v1/sessions/{session_id}/release")
+async def release_session(session_id: SessionId, tenant: TenantDep, services: ServicesDep) -> Any:
+    """Drops the session from this pod's L1. Its unarchived tail stays in L2 (with
+    its TTL); the next turn, on any pod, reloads it and keeps appending."""
+    dropped = services.l1.drop(tenant, session_id)
+    services.refresh_gauges()
+    return {"session_id": session_id, "released": dropped}

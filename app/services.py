@@ -1,0 +1,225 @@
+"""The collaborators of one app instance, started and stopped with its lifespan.
+
+Nothing is created at import time: ``Services.start`` builds the Redis client
+(starting the embedded Redis if no URL is set), Milvus, the embedder, the LLM
+client, the tiers, the archiver and the turn runner; ``stop`` closes them in
+reverse order. Routes get this object by dependency injection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from app.auth import ApiKeyAuth, ensure_dev_key
+from graph.builder import TurnRunner
+from graph.nodes import TurnDeps
+from graph.state import TurnControl
+from infra.embedded_redis import EmbeddedRedis, ensure_redis
+from infra.embeddings import Embedder, build_embedder, close_embedder
+from infra.llm import LLMClient, build_llm
+from infra.milvus import AsyncMilvus
+from infra.redis_client import RedisLike, create_redis
+from infra.settings import Settings
+from infra.tokenizer import build_tokenizer
+from memory.archiver import Archiver, CrashHook
+from memory.context import ContextBuilder, StablePrefix
+from memory.l1_pool import L1Pool
+from memory.l2_store import L2Store
+from memory.l3_store import L3Store, L3Unavailable
+from memory.metrics import Metrics
+
+log = logging.getLogger("tiermem.services")
+
+
+class Services:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        llm: LLMClient | None = None,
+        archive_after_upsert: CrashHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self._llm_override = llm
+        self._archive_after_upsert = archive_after_upsert
+        self.draining = False
+        self.drain_started: float | None = None
+        self.controls: set[TurnControl] = set()
+        self.turn_tasks: set[asyncio.Task[Any]] = set()
+        self.embedded_redis: EmbeddedRedis | None = None
+        self.auth: ApiKeyAuth | None = None
+        self.dev_key: str | None = None
+        self._background: list[asyncio.Task[None]] = []
+        # Milvus Lite and the embedding model block: they run here, off the loop.
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tiermem-io")
+
+    # Set in start(); typed here for the routes.
+    redis: RedisLike
+    milvus: AsyncMilvus
+    embedder: Embedder
+    llm: LLMClient
+    l1: L1Pool
+    l2: L2Store
+    l3: L3Store
+    archiver: Archiver
+    runner: TurnRunner
+
+    async def start(self) -> None:
+        s = self.settings
+        self._start_auth()
+        url, self.embedded_redis = await ensure_redis(s)
+        self.redis = create_redis(url, socket_timeout=s.redis_socket_timeout_s)
+        self.milvus = AsyncMilvus(s.resolved_milvus_uri, s.milvus_token, self.executor)
+        if self.milvus.is_local:
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.embedder = build_embedder(s, self.executor)
+        self.llm = self._llm_override or build_llm(s)
+        self.l1 = L1Pool(s.l1_max_sessions, s.l1_max_bytes, s.l1_idle_evict_s)
+        self.l2 = L2Store(
+            self.redis,
+            session_ttl_s=s.session_ttl_s,
+            turn_record_ttl_s=s.turn_record_ttl_s,
+            retrieval_cache_ttl_s=s.retrieval_cache_ttl_s,
+        )
+        self.l3 = L3Store(self.milvus, self.embedder, s.milvus_collection, s.embedding_dim)
+        try:
+            await self.l3.ensure_collection()
+        except L3Unavailable as exc:
+            # Chat works without L3; batches wait in the L2 outbox until it answers.
+            log.error("Milvus not available at start (%s); archiving will wait for it", exc)
+        self.archiver = Archiver(
+            self.l2, self.l3, self.llm, self.metrics,
+            threshold=s.archive_threshold, lease_s=s.archive_lease_s,
+            idle_after_s=s.archive_idle_after, on_advance=self._on_archive,
+            after_upsert=self._archive_after_upsert,
+        )  # fmt: skip
+        tokenizer = build_tokenizer("auto")
+        context = ContextBuilder(
+            StablePrefix.load(s.system_prompt, s.prefix_file),
+            tokenizer,
+            s.context_budget_tokens,
+            s.compaction_target_ratio,
+        )
+        self.runner = TurnRunner(
+            TurnDeps(s, self.l1, self.l2, self.l3, self.llm, context, self.archiver, self.metrics)
+        )
+        self._background = [
+            asyncio.create_task(self.archiver.sweep_forever(s.sweep_interval_s), name="sweeper"),
+            asyncio.create_task(self._evict_idle_forever(), name="l1-evictor"),
+        ]
+        log.info(
+            "tiermem ready",
+            extra={"redis": "embedded" if self.embedded_redis else "external",
+                   "milvus": "lite" if self.milvus.is_local else "remote",
+                   "llm": getattr(self.llm, "name", "?"), "embedder": self.embedder.name,
+                   "tokenizer": tokenizer.name},
+        )  # fmt: skip
+
+    def _start_auth(self) -> None:
+        s = self.settings
+        if s.auth == "off":
+            log.warning(
+                "AUTHENTICATION IS OFF (TIERMEM_AUTH=off): every request is tenant %r. "
+                "Development only.",
+                s.default_tenant,
+            )
+            return
+        path = s.api_keys_file
+        if path is None:
+            path, self.dev_key = ensure_dev_key(s.data_dir, s.default_tenant)
+            if self.dev_key:
+                # Shown once: only its hash is kept.
+                print(
+                    f"\n  tiermem development API key (shown once, tenant "
+                    f"{s.default_tenant!r}):\n\n    {self.dev_key}\n\n"
+                    f"  Its hash is in {path}; delete that file for a new key.\n",
+                    flush=True,
+                )
+            else:
+                log.warning("using the development API key file %s (key shown at its creation)",
+                            path)
+        self.auth = ApiKeyAuth(path)
+
+    def _on_archive(
+        self, tenant: str, session: str, version: int, archived_upto: int, summary: str
+    ) -> None:
+        state = self.l1.get(tenant, session)
+        if state is None:
+            return
+        if state.version == version - 1:
+            state.version = version
+            state.archived_upto = archived_upto
+            state.summary = summary
+            state.summary_upto = archived_upto
+        else:
+            # L1 missed a commit elsewhere: drop it, the next turn reloads from L2.
+            self.l1.drop(tenant, session)
+
+    async def _evict_idle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, min(60.0, self.settings.l1_idle_evict_s / 4)))
+            self.l1.evict_idle()
+            self.refresh_gauges()
+
+    def refresh_gauges(self) -> None:
+        m = self.metrics
+        m.active_sessions.set(len(self.l1))
+        m.l1_bytes.set(self.l1.bytes)
+        m.turns_queued.set(self.l1.queued)
+        m.turns_in_flight.set(len(self.turn_tasks))
+
+    async def ready(self) -> dict[str, bool]:
+        redis_ok = await self.l2.ping()
+        milvus_ok = await self.l3.ping()
+        return {"redis": redis_ok, "milvus": milvus_ok, "draining": self.draining}
+
+    # --- drain ---------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new turns from now on; in-flight turns go on."""
+        if not self.draining:
+            self.draining = True
+            self.drain_started = time.monotonic()
+            log.warning(
+                "draining: %d turns in flight, %.0fs to finish",
+                len(self.turn_tasks),
+                self.settings.drain_timeout_s,
+            )
+            self._background.append(asyncio.create_task(self._drain_deadline(), name="drain"))
+
+    async def _drain_deadline(self) -> None:
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while self.turn_tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for control in list(self.controls):
+            # Out of time: stop generation; the turn commits as interrupted and
+            # its stream ends with a retryable error.
+            control.stop("drain")
+
+    async def wait_turns(self, timeout: float) -> None:
+        if self.turn_tasks:
+            await asyncio.wait(list(self.turn_tasks), timeout=timeout)
+
+    async def stop(self) -> None:
+        self.begin_drain()
+        await self.wait_turns(self.settings.drain_timeout_s + 2)
+        for t in self._background:
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if hasattr(self, "archiver"):
+            await self.archiver.drain(timeout=3.0)
+        if hasattr(self, "llm"):
+            await self.llm.aclose()
+        if hasattr(self, "embedder"):
+            await close_embedder(self.embedder)
+        if hasattr(self, "milvus"):
+            await self.milvus.close()
+        if hasattr(self, "redis"):
+            await self.redis.aclose()
+        if self.embedded_redis is not None:
+            await self.embedded_redis.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)

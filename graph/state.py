@@ -1,0 +1,67 @@
+"""The state of one turn as it flows through the graph, and the turn's controls.
+
+The turn graph keeps per-turn values only; the session's durable state lives in
+L1/L2 (``memory.models.SessionState``) and the log in L2. So nothing here grows
+with the conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
+
+from memory.context import ContextPlan
+from memory.models import SessionState, Turn, TurnStatus
+
+
+@dataclass(eq=False)
+class TurnControl:
+    """Lets the app stop a turn's generation (client gone, drain deadline) while
+    the graph still commits what was generated."""
+
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.cancel.set()
+
+
+@dataclass(frozen=True)
+class TurnInput:
+    tenant: str
+    session_id: str
+    user_id: str
+    message: str
+    turn_id: str
+    retrieve: Literal["auto", "always", "never"] = "auto"
+    # The client chose turn_id (a retry may follow): look for a stored turn first.
+    client_turn_id: bool = False
+
+
+class TurnState(TypedDict, total=False):
+    input: TurnInput
+    control: TurnControl
+    started: float
+    session: SessionState
+    l1_hit: bool
+    replayed: bool
+    # Index of a failed turn this request retries in place.
+    retry_of: int | None
+    need_memory: bool
+    memories: list[dict[str, Any]]
+    memory_block: str | None
+    plan: ContextPlan
+    reply: str
+    status: TurnStatus
+    error: dict[str, Any] | None
+    llm_usage: dict[str, Any]
+    ttft_ms: float | None
+    replica: str | None
+    route_moved: bool
+    committed: Turn
+    version: int
+    archive_batch: str | None
+    timings: dict[str, float]

@@ -1,0 +1,400 @@
+"""L2: the session's durable state in Redis (standalone or Cluster).
+
+Owns the meta hash, the append-only turn log, turn idempotency records, the
+archive lease, batch outbox records, the retrieval cache, and the per-turn
+LangGraph checkpoint. Loading a session and committing a turn are one round
+trip each; commit is a compare-and-set on the session version, so a pod with a
+stale L1 can never overwrite newer state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.checkpoint.base.id import uuid6
+from redis.exceptions import RedisError
+
+from infra.redis_client import RedisLike, scan_keys
+from memory import l2_scripts
+from memory.checkpoint_records import CheckpointRecord, encode_record
+from memory.keys import META_SCAN_PATTERN, SessionKeys, split_thread_id
+from memory.models import SessionState, Turn
+
+
+class L2Error(Exception):
+    """Redis could not be reached or answered with an error."""
+
+
+class AlreadyCommitted(Exception):
+    """A turn with this turn_id is already in the log."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"turn already stored as turn {index}")
+        self.index = index
+
+
+class VersionConflict(Exception):
+    """Another writer committed since this state was loaded."""
+
+    def __init__(self, current_version: int) -> None:
+        super().__init__(f"session version moved to {current_version}")
+        self.current_version = current_version
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    batch_id: str
+    status: str
+    first: int
+    last: int
+    attempts: int
+    next_try_at: float
+    summary: str | None
+
+
+def _flat_to_dict(flat: list[Any]) -> dict[str, str]:
+    it = iter(flat)
+    return {_s(k): _s(v) for k, v in zip(it, it, strict=True)}
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class L2Store:
+    CHECKPOINT_NS = ""
+
+    def __init__(
+        self,
+        redis: RedisLike,
+        *,
+        session_ttl_s: int,
+        turn_record_ttl_s: int,
+        retrieval_cache_ttl_s: int = 300,
+        checkpoints_kept: int = 2,
+    ) -> None:
+        self.redis = redis
+        self.session_ttl_s = session_ttl_s
+        self.turn_record_ttl_s = turn_record_ttl_s
+        self.retrieval_cache_ttl_s = retrieval_cache_ttl_s
+        self.checkpoints_kept = max(1, checkpoints_kept)
+        self._load = redis.register_script(l2_scripts.LOAD)
+        self._commit = redis.register_script(l2_scripts.COMMIT)
+        self._advance = redis.register_script(l2_scripts.ADVANCE)
+        self._cut = redis.register_script(l2_scripts.CUT_BATCH)
+        self._committed = redis.register_script(l2_scripts.COMMITTED_TURN)
+        # Round trips issued, for the benchmarks and the L1-hit test.
+        self.round_trips = 0
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        self.round_trips += 1
+        try:
+            return await script(keys=keys, args=args)
+        except RedisError as exc:
+            raise L2Error(f"redis: {exc}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    # --- sessions ---------------------------------------------------------------
+    async def load(
+        self, tenant: str, session_id: str, *, scope: str = "context"
+    ) -> SessionState | None:
+        """The session with the turns of its live context (or its unarchived
+        tail with ``scope="unarchived"``), in one round trip."""
+        k = SessionKeys(tenant, session_id)
+        meta_flat, raw_turns = await self._run(self._load, [k.meta, k.log], [scope])
+        if not meta_flat:
+            return None
+        state = SessionState.from_meta(tenant, session_id, _flat_to_dict(meta_flat))
+        state.turns = [Turn.decode(r) for r in raw_turns]
+        return state
+
+    async def read_meta(self, tenant: str, session_id: str) -> SessionState | None:
+        """The session's meta without its turns."""
+        k = SessionKeys(tenant, session_id)
+        self.round_trips += 1
+        try:
+            flat = await self.redis.hgetall(k.meta)
+        except RedisError as exc:
+            raise L2Error(f"redis: {exc}") from exc
+        if not flat:
+            return None
+        return SessionState.from_meta(tenant, session_id, {_s(a): _s(b) for a, b in flat.items()})
+
+    async def commit(
+        self,
+        state: SessionState,
+        turn: Turn,
+        *,
+        replace_last: bool = False,
+        meta_updates: dict[str, str] | None = None,
+    ) -> int:
+        """Append ``turn`` (or replace a failed last turn) and bump the version,
+        if L2 is still at ``state.version``. Returns the new version; raises
+        VersionConflict otherwise. Also writes the thread's LangGraph checkpoint
+        in the same script, so LangGraph tooling sees every turn."""
+        k = SessionKeys(state.tenant, state.session_id)
+        ns = self.CHECKPOINT_NS
+        checkpoint_id = str(uuid6(clock_seq=turn.index))
+        new_version = state.version + 1
+        values = state.checkpoint_values() | {"version": new_version, "turn_count": turn.index}
+        checkpoint = empty_checkpoint()
+        checkpoint["id"] = checkpoint_id
+        checkpoint["ts"] = _iso(turn.created_at)
+        checkpoint["channel_values"] = values
+        checkpoint["channel_versions"] = {name: str(new_version) for name in values}
+        record = encode_record(
+            CheckpointRecord(
+                checkpoint_id=checkpoint_id,
+                parent_id=state.checkpoint_id or None,
+                checkpoint=dict(checkpoint),
+                metadata={"source": "update", "step": new_version, "turn": turn.index},
+            )
+        )
+        fields: list[str] = []
+        for name, value in (meta_updates or {}).items():
+            fields += [name, value]
+        result = await self._run(
+            self._commit,
+            [k.meta, k.log, k.turn(turn.turn_id), k.cp(ns, checkpoint_id), k.cp_index(ns),
+             k.cp_namespaces],
+            [state.version, turn.encode(), turn.index, "replace" if replace_last else "append",
+             self.session_ttl_s, self.turn_record_ttl_s, checkpoint_id, record, ns,
+             self.checkpoints_kept, f"{k.base}:cp:{ns}:", f"{k.base}:cpw:{ns}:", *fields],
+        )  # fmt: skip
+        ok, value = int(result[0]), int(result[1])
+        if ok == 1:
+            state.checkpoint_id = checkpoint_id
+            return value
+        if ok == 0:
+            raise VersionConflict(value)
+        if ok == 2:
+            raise AlreadyCommitted(value)
+        # The log does not end where this state thinks: treat as a conflict.
+        raise VersionConflict(-1)
+
+    async def committed_turn(self, tenant: str, session_id: str, turn_id: str) -> Turn | None:
+        """The stored turn with this id, if it was committed (and is still kept)."""
+        k = SessionKeys(tenant, session_id)
+        raw = await self._run(self._committed, [k.meta, k.log, k.turn(turn_id)], [])
+        if not raw:
+            return None
+        turn = Turn.decode(raw)
+        return turn if turn.turn_id == turn_id else None
+
+    async def read_turns(
+        self, tenant: str, session_id: str, first: int, last: int, log_base: int
+    ) -> list[Turn]:
+        k = SessionKeys(tenant, session_id)
+        self.round_trips += 1
+        try:
+            raw = await self.redis.lrange(k.log, first - log_base, last - log_base)
+        except RedisError as exc:
+            raise L2Error(f"redis: {exc}") from exc
+        return [Turn.decode(r) for r in raw]
+
+    async def delete_session(self, tenant: str, session_id: str) -> None:
+        k = SessionKeys(tenant, session_id)
+        keys = [key async for key in scan_keys(self.redis, f"{_glob_escape(k.base)}:*")]
+        if keys:
+            # One slot: a single DEL works on a cluster too.
+            await self.redis.delete(*keys)
+
+    # --- archive ------------------------------------------------------------------
+    async def acquire_lease(self, tenant: str, session_id: str, holder: str, ttl_s: float) -> bool:
+        k = SessionKeys(tenant, session_id)
+        try:
+            return bool(
+                await self.redis.set(k.archive_lease, holder, nx=True, px=int(ttl_s * 1000))
+            )
+        except RedisError as exc:
+            raise L2Error(f"redis: {exc}") from exc
+
+    async def release_lease(self, tenant: str, session_id: str, holder: str) -> None:
+        k = SessionKeys(tenant, session_id)
+        try:
+            # Delete only our own lease: it may have expired and been taken over.
+            await self.redis.eval(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                "return redis.call('DEL', KEYS[1]) end return 0",
+                1,
+                k.archive_lease,
+                holder,
+            )
+        except RedisError:
+            pass  # it expires on its own
+
+    async def cut_batch(
+        self, tenant: str, session_id: str, batch_id: str, first: int, last: int
+    ) -> tuple[SessionState | None, list[Turn], BatchRecord | None]:
+        k = SessionKeys(tenant, session_id)
+        meta_flat, raw_turns, batch_flat = await self._run(
+            self._cut, [k.meta, k.log, k.batch(batch_id)], [first, last, time.time()]
+        )
+        if not meta_flat:
+            return None, [], None
+        state = SessionState.from_meta(tenant, session_id, _flat_to_dict(meta_flat))
+        return state, [Turn.decode(r) for r in raw_turns], _batch(batch_id, batch_flat)
+
+    async def note_batch_failure(
+        self, tenant: str, session_id: str, batch_id: str, attempts: int, next_try_at: float
+    ) -> None:
+        k = SessionKeys(tenant, session_id)
+        try:
+            await self.redis.hset(
+                k.batch(batch_id),
+                mapping={"attempts": attempts, "next_try_at": repr(next_try_at)},
+            )
+        except RedisError as exc:
+            raise L2Error(f"redis: {exc}") from exc
+
+    async def save_batch_summary(
+        self, tenant: str, session_id: str, batch_id: str, summary: str
+    ) -> None:
+        """Keeps a batch's summary so a retry after a crash spends no LLM tokens."""
+        k = SessionKeys(tenant, session_id)
+        try:
+            await self.redis.hset(k.batch(batch_id), "summary", summary)
+        except RedisError as exc:
+            raise L2Error(f"redis: {exc}") from exc
+
+    async def advance_archive(
+        self,
+        tenant: str,
+        session_id: str,
+        batch_id: str,
+        first: int,
+        last: int,
+        summary: str,
+        confirmed_ttl_s: int = 86400,
+    ) -> int | None:
+        """Moves the archive cursor past ``last``. Returns the new version, or None
+        if the cursor was no longer at ``first - 1`` (someone else archived)."""
+        k = SessionKeys(tenant, session_id)
+        ok, value = await self._run(
+            self._advance,
+            [k.meta, k.log, k.batch(batch_id)],
+            [first - 1, last, summary, confirmed_ttl_s, time.time()],
+        )
+        return int(value) if int(ok) == 1 else None
+
+    async def batch_record(self, tenant: str, session_id: str, batch_id: str) -> BatchRecord | None:
+        k = SessionKeys(tenant, session_id)
+        flat = await self.redis.hgetall(k.batch(batch_id))
+        return _batch(batch_id, [x for kv in flat.items() for x in kv]) if flat else None
+
+    async def scan_sessions(self) -> AsyncIterator[tuple[str, str, dict[str, str]]]:
+        """Every session's (tenant, session, meta subset), for the idle sweeper.
+        SCAN is O(keyspace) per sweep: fine at a sweep a minute (see README)."""
+        async for raw in scan_keys(self.redis, META_SCAN_PATTERN):
+            key = _s(raw)
+            thread = key[key.index("{") + 1 : key.rindex("}")]
+            try:
+                tenant, session = split_thread_id(thread)
+            except ValueError:
+                continue
+            values = await self.redis.hmget(
+                key, ["turn_count", "archived_upto", "updated_at", "version"]
+            )
+            yield tenant, session, {
+                "turn_count": _s(values[0] or b"0"),
+                "archived_upto": _s(values[1] or b"0"),
+                "updated_at": _s(values[2] or b"0"),
+                "version": _s(values[3] or b"0"),
+            }
+
+    # --- retrieval cache ---------------------------------------------------------
+    @staticmethod
+    def _cache_field(user_id: str, query: str, k: int, generation: str) -> str:
+        h = hashlib.sha256(f"{user_id}\0{k}\0{generation}\0{query}".encode()).hexdigest()
+        return h[:32]
+
+    async def cached_retrieval(
+        self, tenant: str, session_id: str, user_id: str, query: str, k: int, generation: str
+    ) -> list[dict[str, Any]] | None:
+        keys = SessionKeys(tenant, session_id)
+        self.round_trips += 1
+        try:
+            raw = await self.redis.hget(
+                keys.rcache, self._cache_field(user_id, query, k, generation)
+            )
+        except RedisError:
+            return None  # a cache miss, never an error
+        return orjson.loads(raw) if raw else None
+
+    async def store_retrieval(
+        self,
+        tenant: str,
+        session_id: str,
+        user_id: str,
+        query: str,
+        k: int,
+        generation: str,
+        hits: list[dict[str, Any]],
+    ) -> None:
+        keys = SessionKeys(tenant, session_id)
+        field = self._cache_field(user_id, query, k, generation)
+        self.round_trips += 1
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(keys.rcache, field, orjson.dumps(hits))
+                pipe.expire(keys.rcache, self.retrieval_cache_ttl_s)
+                await pipe.execute()
+        except RedisError:
+            pass  # the cache is an optimisation; the turn goes on without it
+
+
+def _batch(batch_id: str, flat: list[Any]) -> BatchRecord | None:
+    if not flat:
+        return None
+    d = _flat_to_dict(flat)
+    return BatchRecord(
+        batch_id=batch_id,
+        status=d.get("status", "pending"),
+        first=int(d.get("first", "0")),
+        last=int(d.get("last", "0")),
+        attempts=int(d.get("attempts", "0")),
+        next_try_at=float(d.get("next_try_at", "0") or 0),
+        summary=d.get("summary"),
+    )
+
+
+def _iso(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts or time.time(), UTC).isoformat()
+
+
+def _glob_escape(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in "*?[]\\":
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def new_turn_id() -> str:
+    return uuid.uuid4().hex
+
+
+__all__ = [
+    "AlreadyCommitted",
+    "BatchRecord",
+    "L2Error",
+    "L2Store",
+    "VersionConflict",
+    "new_turn_id",
+]
