@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from types import FrameType
 
@@ -52,6 +53,10 @@ def serve(host: str | None, port: int | None) -> int:
         timeout_graceful_shutdown=int(settings.drain_timeout_s + 5),
     )
     server = DrainingServer(config, services)
+    # uvicorn re-raises the signal it caught once it has shut down, which would
+    # end the process with -SIGTERM after a clean drain. A drain that finished
+    # is a success: exit 0, as Kubernetes expects.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     return 0 if server.started else 1
 

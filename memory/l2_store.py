@@ -19,9 +19,8 @@ from typing import Any
 import orjson
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
-from redis.exceptions import RedisError
 
-from infra.redis_client import RedisLike, scan_keys
+from infra.redis_client import REDIS_ERRORS, RedisLike, scan_keys
 from memory import l2_scripts
 from memory.checkpoint_records import CheckpointRecord, encode_record
 from memory.keys import META_SCAN_PATTERN, SessionKeys, split_thread_id
@@ -97,13 +96,13 @@ class L2Store:
         self.round_trips += 1
         try:
             return await script(keys=keys, args=args)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise L2Error(f"redis: {exc}") from exc
 
     async def ping(self) -> bool:
         try:
             return bool(await self.redis.ping())
-        except (RedisError, OSError):
+        except (*REDIS_ERRORS, OSError):
             return False
 
     # --- sessions ---------------------------------------------------------------
@@ -126,7 +125,7 @@ class L2Store:
         self.round_trips += 1
         try:
             flat = await self.redis.hgetall(k.meta)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise L2Error(f"redis: {exc}") from exc
         if not flat:
             return None
@@ -153,7 +152,8 @@ class L2Store:
         checkpoint["id"] = checkpoint_id
         checkpoint["ts"] = _iso(turn.created_at)
         checkpoint["channel_values"] = values
-        checkpoint["channel_versions"] = {name: str(new_version) for name in values}
+        # LangGraph compares channel versions as strings: use its zero-padded form.
+        checkpoint["channel_versions"] = {name: f"{new_version:032}.{0.0:016}" for name in values}
         record = encode_record(
             CheckpointRecord(
                 checkpoint_id=checkpoint_id,
@@ -200,7 +200,7 @@ class L2Store:
         self.round_trips += 1
         try:
             raw = await self.redis.lrange(k.log, first - log_base, last - log_base)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise L2Error(f"redis: {exc}") from exc
         return [Turn.decode(r) for r in raw]
 
@@ -218,7 +218,7 @@ class L2Store:
             return bool(
                 await self.redis.set(k.archive_lease, holder, nx=True, px=int(ttl_s * 1000))
             )
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise L2Error(f"redis: {exc}") from exc
 
     async def release_lease(self, tenant: str, session_id: str, holder: str) -> None:
@@ -232,7 +232,7 @@ class L2Store:
                 k.archive_lease,
                 holder,
             )
-        except RedisError:
+        except REDIS_ERRORS:
             pass  # it expires on its own
 
     async def cut_batch(
@@ -256,7 +256,7 @@ class L2Store:
                 k.batch(batch_id),
                 mapping={"attempts": attempts, "next_try_at": repr(next_try_at)},
             )
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise L2Error(f"redis: {exc}") from exc
 
     async def save_batch_summary(
@@ -266,7 +266,7 @@ class L2Store:
         k = SessionKeys(tenant, session_id)
         try:
             await self.redis.hset(k.batch(batch_id), "summary", summary)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise L2Error(f"redis: {exc}") from exc
 
     async def advance_archive(
@@ -329,7 +329,7 @@ class L2Store:
             raw = await self.redis.hget(
                 keys.rcache, self._cache_field(user_id, query, k, generation)
             )
-        except RedisError:
+        except REDIS_ERRORS:
             return None  # a cache miss, never an error
         return orjson.loads(raw) if raw else None
 
@@ -351,7 +351,7 @@ class L2Store:
                 pipe.hset(keys.rcache, field, orjson.dumps(hits))
                 pipe.expire(keys.rcache, self.retrieval_cache_ttl_s)
                 await pipe.execute()
-        except RedisError:
+        except REDIS_ERRORS:
             pass  # the cache is an optimisation; the turn goes on without it
 
 

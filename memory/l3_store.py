@@ -10,6 +10,10 @@ every id is checked by ``validate_id`` (letters, digits, ``.``, ``_``, ``-``)
 before it is quoted into a filter expression, so no quote can escape it.
 Search also drops any hit whose tenant or user differs from the request.
 
+The collection records the name of the embedder that filled it (a collection
+property); a store with another embedder, or another vector size, refuses to use it
+(``L3SchemaError``) rather than mix two vector spaces.
+
 Every Milvus or embedding failure is raised as ``L3Unavailable``: the archiver
 keeps the batch in its L2 outbox and tries again later.
 """
@@ -41,6 +45,9 @@ MAX_ROWS = 16_384
 ADMIN_TIMEOUT_S = 60.0
 
 _VECTOR = "vector"
+# A collection property naming the embedder: vectors of two embedders of the same
+# size would mix silently (say, one pod on MiniLM and one on the hashing fallback).
+EMBEDDER_PROPERTY = "tiermem.embedder"
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _RECORD_FIELDS = [
     "batch_id",
@@ -193,6 +200,7 @@ class L3Store:
                             schema,
                             index,
                             consistency_level="Bounded",
+                            properties={EMBEDDER_PROPERTY: self.embedder.name},
                             timeout=ADMIN_TIMEOUT_S,
                         )
                         log.info("created L3 collection %s (dim %d)", self.collection, self.dim)
@@ -215,6 +223,13 @@ class L3Store:
             raise L3SchemaError(
                 f"collection {self.collection} lacks fields {missing}; use another "
                 "TIERMEM_MILVUS_COLLECTION"
+            )
+        recorded = (description.get("properties") or {}).get(EMBEDDER_PROPERTY)
+        if recorded is not None and recorded != self.embedder.name:
+            raise L3SchemaError(
+                f"collection {self.collection} holds vectors of embedder {recorded!r}, this "
+                f"pod embeds with {self.embedder.name!r}; set TIERMEM_EMBEDDINGS to match or "
+                "use another TIERMEM_MILVUS_COLLECTION"
             )
         got = int(fields[_VECTOR].get("params", {}).get("dim", -1))
         if got != self.dim:
