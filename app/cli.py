@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
 from types import FrameType
@@ -25,8 +26,19 @@ class DrainingServer(uvicorn.Server):
         self.services = services
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.services.draining or not self.started:
+            # A second signal (or one during start-up): stop now.
+            super().handle_exit(sig, frame)
+            return
+        # Keep listening while draining, so /readyz can answer 503 and new turns
+        # get 503 + Retry-After; uvicorn's own shutdown starts once the in-flight
+        # turns are done (or stopped at the drain deadline).
         self.services.begin_drain()
-        super().handle_exit(sig, frame)
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_exit(sig))
+
+    async def _drain_then_exit(self, sig: int) -> None:
+        await self.services.wait_turns(self.services.settings.drain_timeout_s + 2)
+        super().handle_exit(sig, None)
 
 
 def serve(host: str | None, port: int | None) -> int:

@@ -49,9 +49,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = f"{time.strftime('%H:%M:%S')} {record.levelname:<7} {record.name}: "
         base += record.getMessage()
-        extras = {
-            k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS and v is not None
-        }
+        extras = {k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS and v is not None}
         if extras:
             base += " " + " ".join(f"{k}={v}" for k, v in extras.items())
         if record.exc_info:

@@ -141,8 +141,9 @@ class Services:
                     flush=True,
                 )
             else:
-                log.warning("using the development API key file %s (key shown at its creation)",
-                            path)
+                log.warning(
+                    "using the development API key file %s (key shown at its creation)", path
+                )
         self.auth = ApiKeyAuth(path)
 
     def _on_archive(
@@ -192,17 +193,17 @@ class Services:
             self._background.append(asyncio.create_task(self._drain_deadline(), name="drain"))
 
     async def _drain_deadline(self) -> None:
-        deadline = time.monotonic() + self.settings.drain_timeout_s
-        while self.turn_tasks and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        # No new turn starts while draining, so the set only shrinks.
+        if self.turn_tasks:
+            await asyncio.wait(list(self.turn_tasks), timeout=self.settings.drain_timeout_s)
         for control in list(self.controls):
             # Out of time: stop generation; the turn commits as interrupted and
             # its stream ends with a retryable error.
             control.stop("drain")
 
-    async def wait_turns(self, timeout: float) -> None:
+    async def wait_turns(self, limit_s: float) -> None:
         if self.turn_tasks:
-            await asyncio.wait(list(self.turn_tasks), timeout=timeout)
+            await asyncio.wait(list(self.turn_tasks), timeout=limit_s)
 
     async def stop(self) -> None:
         self.begin_drain()
@@ -211,7 +212,7 @@ class Services:
             t.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         if hasattr(self, "archiver"):
-            await self.archiver.drain(timeout=3.0)
+            await self.archiver.drain(limit_s=3.0)
         if hasattr(self, "llm"):
             await self.llm.aclose()
         if hasattr(self, "embedder"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -59,7 +59,8 @@ class TurnRunner:
         async with self.deps.l1.session_turn(inp.tenant, inp.session_id):
             state: TurnState = {"input": inp, "control": control, "started": started}
             final: dict[str, Any] = {}
-            async for mode, chunk in self.graph.astream(state, stream_mode=["custom", "values"]):
+            async for item in self.graph.astream(state, stream_mode=["custom", "values"]):
+                mode, chunk = cast(tuple[str, dict[str, Any]], item)
                 if mode == "custom":
                     yield chunk
                 else:

@@ -233,11 +233,14 @@ class TurnNodes:
         now = time.time()
         usage = dict(state.get("llm_usage") or {})
         account = plan.account
-        reason = "route_change" if state.get("route_moved") and account.reason is None else (
-            account.reason
+        reason = (
+            "route_change"
+            if state.get("route_moved") and account.reason is None
+            else (account.reason)
         )
+        ttft = state.get("ttft_ms")
         usage.update(
-            ttft_ms=round(state["ttft_ms"], 2) if state.get("ttft_ms") is not None else None,
+            ttft_ms=round(ttft, 2) if ttft is not None else None,
             expected_cacheable_tokens=account.expected_cacheable,
             prefix_break=reason,
         )
@@ -294,8 +297,11 @@ class TurnNodes:
         if state.get("error"):
             payload["error"] = state["error"]
         elif drained:
-            payload["error"] = {"code": "draining", "retryable": True,
-                                "message": "the server is shutting down; retry this turn"}
+            payload["error"] = {
+                "code": "draining",
+                "retryable": True,
+                "message": "the server is shutting down; retry this turn",
+            }
             payload["retry"] = True
         if status == "interrupted" and state["control"].reason:
             payload["interrupted_by"] = state["control"].reason
@@ -315,13 +321,20 @@ class TurnNodes:
         conflicts = 0
         delay = 0.05
         while True:
-            replace = retry_of is not None and session.turn_count == retry_of and bool(
-                session.turns and session.turns[-1].index == retry_of
-                and session.turns[-1].status == "failed"
+            replace = (
+                retry_of is not None
+                and session.turn_count == retry_of
+                and bool(
+                    session.turns
+                    and session.turns[-1].index == retry_of
+                    and session.turns[-1].status == "failed"
+                )
             )
             turn.index = retry_of if replace and retry_of is not None else session.turn_count + 1
             try:
-                return await self.d.l2.commit(session, turn, replace_last=replace, meta_updates=meta)
+                return await self.d.l2.commit(
+                    session, turn, replace_last=replace, meta_updates=meta
+                )
             except VersionConflict:
                 # Someone else committed (another pod, or the archiver): reload and
                 # append after their turn. The reply stands; only its index moves.

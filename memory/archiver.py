@@ -144,13 +144,13 @@ class Archiver:
     def pending_tasks(self) -> int:
         return len(self._tasks)
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, limit_s: float) -> None:
         """Waits for running archive tasks; what does not finish stays safe in L2
         (cursor unmoved, outbox record pending) and is retried by any pod."""
         tasks = list(self._tasks.values())
         if not tasks:
             return
-        _done, pending = await asyncio.wait(tasks, timeout=timeout)
+        _done, pending = await asyncio.wait(tasks, timeout=limit_s)
         for t in pending:
             t.cancel()
         if pending:
@@ -215,7 +215,9 @@ class Archiver:
         except L3Unavailable as exc:
             attempts = record.attempts + 1
             delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempts - 1))
-            await self.l2.note_batch_failure(tenant, session, batch_id, attempts, time.time() + delay)
+            await self.l2.note_batch_failure(
+                tenant, session, batch_id, attempts, time.time() + delay
+            )
             self.metrics.archive_batches.labels("l3_unavailable").inc()
             log.warning(
                 "L3 unavailable; batch waits in L2 outbox",

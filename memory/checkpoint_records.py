@@ -76,14 +76,19 @@ def encode_write(
     s = serde or _default_serde
     t, b = s.dumps_typed(value)
     return msgpack.packb(
-        {"v": RECORD_VERSION, "task": task_id, "path": task_path, "channel": channel, "t": t, "b": b},
+        {
+            "v": RECORD_VERSION,
+            "task": task_id,
+            "path": task_path,
+            "channel": channel,
+            "t": t,
+            "b": b,
+        },
         use_bin_type=True,
     )
 
 
-def decode_write(
-    raw: bytes, serde: SerializerProtocol | None = None
-) -> tuple[str, str, str, Any]:
+def decode_write(raw: bytes, serde: SerializerProtocol | None = None) -> tuple[str, str, str, Any]:
     """Returns (task_id, task_path, channel, value)."""
     s = serde or _default_serde
     m = msgpack.unpackb(raw, raw=False)

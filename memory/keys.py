@@ -9,9 +9,9 @@ Ids are validated before they get here (``validate_id``): no ``{``, ``}``, ``*``
 |---|---|---|---|
 | ``tm:{t:s}:meta`` | hash | session state: version, counters, cursors, summaries | session TTL |
 | ``tm:{t:s}:log`` | list | append-only turn log (one JSON entry per turn) | session TTL |
-| ``tm:{t:s}:turn:<turn_id>`` | string | idempotency record of a turn (its index) | turn record TTL |
+| ``tm:{t:s}:turn:<turn_id>`` | string | idempotency record of a turn (index) | turn TTL |
 | ``tm:{t:s}:lease:archive`` | string | archive lease holder | lease length |
-| ``tm:{t:s}:batch:<batch_id>`` | hash | outbox record of a batch until L3 confirms | none until L3 confirms, then 1 day |
+| ``tm:{t:s}:batch:<batch_id>`` | hash | batch outbox record | none until L3 confirms; 1 day |
 | ``tm:{t:s}:rcache`` | hash | retrieval cache | retrieval cache TTL |
 | ``tm:{t:s}:cp:<ns>:<checkpoint_id>`` | string | LangGraph checkpoint record | session TTL |
 | ``tm:{t:s}:cpidx:<ns>`` | zset | checkpoint ids of a namespace (lex order) | session TTL |

@@ -9,6 +9,7 @@ stale L1 can never overwrite newer state.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import uuid
@@ -19,12 +20,16 @@ from typing import Any
 import orjson
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
+from redis.exceptions import ResponseError
 
 from infra.redis_client import REDIS_ERRORS, RedisLike, scan_keys
 from memory import l2_scripts
 from memory.checkpoint_records import CheckpointRecord, encode_record
 from memory.keys import META_SCAN_PATTERN, SessionKeys, split_thread_id
 from memory.models import SessionState, Turn
+
+
+_PING_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError)
 
 
 class L2Error(Exception):
@@ -102,7 +107,7 @@ class L2Store:
     async def ping(self) -> bool:
         try:
             return bool(await self.redis.ping())
-        except (*REDIS_ERRORS, OSError):
+        except _PING_ERRORS:
             return False
 
     # --- sessions ---------------------------------------------------------------
@@ -163,8 +168,8 @@ class L2Store:
             )
         )
         fields: list[str] = []
-        for name, value in (meta_updates or {}).items():
-            fields += [name, value]
+        for name, field_value in (meta_updates or {}).items():
+            fields += [name, field_value]
         result = await self._run(
             self._commit,
             [k.meta, k.log, k.turn(turn.turn_id), k.cp(ns, checkpoint_id), k.cp_index(ns),
@@ -223,8 +228,9 @@ class L2Store:
 
     async def release_lease(self, tenant: str, session_id: str, holder: str) -> None:
         k = SessionKeys(tenant, session_id)
-        try:
-            # Delete only our own lease: it may have expired and been taken over.
+        # Delete only our own lease: it may have expired and been taken over.
+        # On failure it expires on its own.
+        with contextlib.suppress(*REDIS_ERRORS):
             await self.redis.eval(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then "
                 "return redis.call('DEL', KEYS[1]) end return 0",
@@ -232,8 +238,6 @@ class L2Store:
                 k.archive_lease,
                 holder,
             )
-        except REDIS_ERRORS:
-            pass  # it expires on its own
 
     async def cut_batch(
         self, tenant: str, session_id: str, batch_id: str, first: int, last: int
@@ -304,15 +308,22 @@ class L2Store:
                 tenant, session = split_thread_id(thread)
             except ValueError:
                 continue
-            values = await self.redis.hmget(
-                key, ["turn_count", "archived_upto", "updated_at", "version"]
+            try:
+                values = await self.redis.hmget(
+                    key, ["turn_count", "archived_upto", "updated_at", "version"]
+                )
+            except ResponseError:
+                continue  # not one of ours (WRONGTYPE): never let it stop a sweep
+            yield (
+                tenant,
+                session,
+                {
+                    "turn_count": _s(values[0] or b"0"),
+                    "archived_upto": _s(values[1] or b"0"),
+                    "updated_at": _s(values[2] or b"0"),
+                    "version": _s(values[3] or b"0"),
+                },
             )
-            yield tenant, session, {
-                "turn_count": _s(values[0] or b"0"),
-                "archived_upto": _s(values[1] or b"0"),
-                "updated_at": _s(values[2] or b"0"),
-                "version": _s(values[3] or b"0"),
-            }
 
     # --- retrieval cache ---------------------------------------------------------
     @staticmethod

@@ -175,12 +175,9 @@ class L3Store:
         schema.add_field(_VECTOR, DataType.FLOAT_VECTOR, dim=self.dim)
         index = MilvusClient.prepare_index_params()
         index.add_index(field_name=_VECTOR, index_type="AUTOINDEX", metric_type="COSINE")
-        if not self.milvus.is_local:
-            # Every query filters on tenant and user: scalar indexes keep that cheap on
-            # a cluster. Milvus Lite scans in-process anyway, and each index costs it
-            # ~0.5 s to build.
-            index.add_index(field_name="tenant", index_type="INVERTED")
-            index.add_index(field_name="user_id", index_type="INVERTED")
+        # Every query filters on tenant and user: scalar indexes keep that cheap.
+        index.add_index(field_name="tenant", index_type="INVERTED")
+        index.add_index(field_name="user_id", index_type="INVERTED")
         return schema, index
 
     async def ensure_collection(self) -> None:
@@ -198,17 +195,23 @@ class L3Store:
                         await self.milvus.create_collection(
                             self.collection,
                             schema,
-                            index,
                             consistency_level="Bounded",
                             properties={EMBEDDER_PROPERTY: self.embedder.name},
                             timeout=ADMIN_TIMEOUT_S,
                         )
-                        log.info("created L3 collection %s (dim %d)", self.collection, self.dim)
                     except MilvusError:
                         # Another pod may have created it between our check and create.
                         if not await self.milvus.has_collection(self.collection):
                             raise
                         exists = True
+                    else:
+                        # sync=False: the collection is empty, there is nothing to wait
+                        # for (waiting polls every 0.5 s per index, and Milvus Lite lacks
+                        # the timestamp call the wait makes).
+                        await self.milvus.create_index(
+                            self.collection, index, sync=False, timeout=ADMIN_TIMEOUT_S
+                        )
+                        log.info("created L3 collection %s (dim %d)", self.collection, self.dim)
                 if exists:
                     self._check_schema(await self.milvus.describe_collection(self.collection))
                 await self.milvus.load_collection(self.collection, timeout=ADMIN_TIMEOUT_S)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from infra.redis_client import RedisLike, create_redis
+from tests.servers.redis_cluster import RedisClusterLauncher
 from tests.servers.redis_server import RedisServer
 
 
@@ -30,3 +32,38 @@ def redis_server(tmp_root: Path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_root: Path) -> Iterator[RedisClusterLauncher]:
+    """A real 3-master Redis Cluster (no replicas), started once for the session."""
+    launcher = RedisClusterLauncher(tmp_root / "redis-cluster", masters=3).start()
+    yield launcher
+    launcher.stop(remove_files=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_cluster: RedisClusterLauncher) -> str:
+    return redis_cluster.url
+
+
+@pytest.fixture(
+    scope="session",
+    params=["standalone", pytest.param("cluster", marks=pytest.mark.cluster)],
+)
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """The standalone URL, then the cluster URL: a test using it runs on both.
+
+    The cluster is started only when a cluster-parametrised test runs, so
+    ``-m "not cluster"`` never starts one.
+    """
+    name = "redis_cluster_url" if request.param == "cluster" else "redis_url"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+async def any_redis(any_redis_url: str) -> AsyncIterator[RedisLike]:
+    """A client (create_redis) on ``any_redis_url``, closed after the test."""
+    client = create_redis(any_redis_url, socket_timeout=2.0)
+    yield client
+    await client.aclose()

@@ -31,8 +31,14 @@ async def search_memories(
     return {
         "user_id": user_id,
         "memories": [
-            {"batch_id": h.batch_id, "session_id": h.session_id, "first_turn": h.first_turn,
-             "last_turn": h.last_turn, "text": h.text, "score": h.score}
+            {
+                "batch_id": h.batch_id,
+                "session_id": h.session_id,
+                "first_turn": h.first_turn,
+                "last_turn": h.last_turn,
+                "text": h.text,
+                "score": h.score,
+            }
             for h in hits
-        ],  # fmt: skip
+        ],
     }

@@ -39,10 +39,16 @@ async def get_session(session_id: SessionId, tenant: TenantDep, services: Servic
         "updated_at": state.updated_at,
         "in_l1": (tenant, session_id) in services.l1,
         "unarchived_turns": [
-            {"turn": t.index, "turn_id": t.turn_id, "user": t.user, "assistant": t.assistant,
-             "status": t.status, "created_at": t.created_at}
+            {
+                "turn": t.index,
+                "turn_id": t.turn_id,
+                "user": t.user,
+                "assistant": t.assistant,
+                "status": t.status,
+                "created_at": t.created_at,
+            }
             for t in unarchived
-        ],  # fmt: skip
+        ],
     }
 
 

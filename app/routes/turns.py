@@ -79,7 +79,9 @@ async def post_turn(
     if last_event_id:
         resumed = _turn_id_from_last_event(last_event_id)
         if turn_id is not None and turn_id != resumed:
-            raise ApiError(400, "turn_id_mismatch", "turn_id and Last-Event-ID name different turns")
+            raise ApiError(
+                400, "turn_id_mismatch", "turn_id and Last-Event-ID name different turns"
+            )
         turn_id = resumed
     inp = TurnInput(
         tenant=tenant,

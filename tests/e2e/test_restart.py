@@ -29,8 +29,12 @@ def _env(tmp_path: Path, redis_url: str) -> dict[str, str]:
 
 
 def _turn(url: str, session: str, message: str) -> dict:
-    with httpx.stream("POST", f"{url}/v1/sessions/{session}/turns",
-                      json={"user_id": "u1", "message": message}, timeout=30) as r:
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/sessions/{session}/turns",
+        json={"user_id": "u1", "message": message},
+        timeout=30,
+    ) as r:
         assert r.status_code == 200
         lines = [line for line in r.iter_lines()]
     done = [line for line in lines if line == "event: done"]
@@ -45,7 +49,8 @@ async def test_release_restart_continue(tmp_path: Path, redis_url: str) -> None:
     try:
         for i in range(1, 8):
             await asyncio.to_thread(_turn, first.url, session, f"turn {i} says hello")
-        r = httpx.post(f"{first.url}/v1/sessions/{session}/release", timeout=10)
+        async with httpx.AsyncClient(timeout=10) as c:
+            r = await c.post(f"{first.url}/v1/sessions/{session}/release")
         assert r.json()["released"] is True
     finally:
         assert first.terminate() == 0, first.log_tail()
@@ -56,7 +61,8 @@ async def test_release_restart_continue(tmp_path: Path, redis_url: str) -> None:
             await asyncio.to_thread(_turn, second.url, session, f"turn {i} says hello")
         deadline = time.monotonic() + 30
         while True:
-            state = httpx.get(f"{second.url}/v1/sessions/{session}", timeout=10).json()
+            async with httpx.AsyncClient(timeout=10) as c:
+                state = (await c.get(f"{second.url}/v1/sessions/{session}")).json()
             if state["archived_upto"] == 10 or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)

@@ -42,9 +42,7 @@ async def test_25_turns_make_exactly_two_batches(tmp_path: Path, any_redis_url: 
             if i in (10, 20):
                 # The turn that reached the threshold names its batch in `done`.
                 first = i - 9
-                assert r.done["usage"]["archived_batch"] == batch_id_for(
-                    TENANT, session, first, i
-                )
+                assert r.done["usage"]["archived_batch"] == batch_id_for(TENANT, session, first, i)
                 await wait_archived(c, srv.url, session, i)
         assert [d["turn"] for d in dones] == list(range(1, 26))
         state = await wait_archived(c, srv.url, session, 20)
@@ -129,9 +127,11 @@ async def test_two_instances_alternating(tmp_path: Path, any_redis_url: str) -> 
     a_settings = make_settings(tmp_path / "a", any_redis_url, archive_threshold=1000)
     b_settings = make_settings(tmp_path / "b", any_redis_url, archive_threshold=1000)
     session = sid()
-    async with AppServer(a_settings) as a, AppServer(b_settings) as b, httpx.AsyncClient(
-        timeout=30
-    ) as c:
+    async with (
+        AppServer(a_settings) as a,
+        AppServer(b_settings) as b,
+        httpx.AsyncClient(timeout=30) as c,
+    ):
         versions = []
         for i in range(12):
             srv = a if i % 2 == 0 else b

@@ -18,7 +18,7 @@ async def test_turns_stream_and_commit(tmp_path, redis_url):
             results.append(r)
         print([e.event for e in results[0].events])
         print(results[-1].done)
-        assert [e.event for e in results[0].events][0] == "meta"
+        assert results[0].events[0].event == "meta"
         s = (await c.get(f"{srv.url}/v1/sessions/{sid}")).json()
         print(s)
         assert s["turn_count"] == 4
@@ -27,6 +27,7 @@ async def test_turns_stream_and_commit(tmp_path, redis_url):
 async def test_archive_happens(tmp_path, redis_url, caplog):
     import asyncio
     import logging
+
     caplog.set_level(logging.INFO)
     settings = make_settings(tmp_path, redis_url, archive_threshold=3)
     async with AppServer(settings) as srv, httpx.AsyncClient(timeout=30) as c:

@@ -32,9 +32,7 @@ def fake_llm() -> Iterator[FakeVLLM]:
 
 
 @pytest.fixture
-async def app(
-    tmp_path: Path, redis_url: str, fake_llm: FakeVLLM
-) -> AsyncIterator[AppServer]:
+async def app(tmp_path: Path, redis_url: str, fake_llm: FakeVLLM) -> AsyncIterator[AppServer]:
     fake_llm.reset()
     settings = make_settings(
         tmp_path, redis_url, llm_url=fake_llm.base_url, archive_threshold=100,
@@ -184,9 +182,7 @@ async def test_event_ids_and_usage_with_prefix_cache(app: AppServer, fake_llm: F
     assert fake_llm.chat_requests()[-1].headers.get("x-session-id") == f"default:{session}"
 
 
-async def test_heartbeats_while_waiting_for_first_token(
-    app: AppServer, fake_llm: FakeVLLM
-) -> None:
+async def test_heartbeats_while_waiting_for_first_token(app: AppServer, fake_llm: FakeVLLM) -> None:
     fake_llm.first_token_delay_s = 0.9
     try:
         async with httpx.AsyncClient(timeout=30) as c:
@@ -256,8 +252,12 @@ async def test_api_keys_map_to_tenants(tmp_path: Path, redis_url: str) -> None:
     session = sid()
     async with AppServer(settings) as srv, httpx.AsyncClient(timeout=30) as c:
         url = f"{srv.url}/v1/sessions/{session}"
-        for headers in ({}, {"Authorization": "Bearer nope"},
-                        {"Authorization": "Bearer key-old"}, {"Authorization": "key-a"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer nope"},
+            {"Authorization": "Bearer key-old"},
+            {"Authorization": "key-a"},
+        ):
             r = await c.post(f"{url}/turns", json={"user_id": "u1", "message": "hi"},
                              headers=headers)  # fmt: skip
             assert r.status_code == 401, headers

@@ -1,0 +1,37 @@
+"""The one chat template tiermem renders prompts with, for token accounting.
+
+The service (prefix reuse, budgets) and the fake vLLM server (prefix-cache
+simulation) both tokenise a prompt as ``render_chat(messages,
+add_generation_prompt=True)``, so they count the same tokens. The format is
+ChatML, the template of most open chat models served by vLLM.
+
+Each message renders on its own, independent of what follows it: with an
+append-only message log, ``render_chat(log, True) + reply`` is an exact text
+prefix of ``render_chat(log + [assistant reply, next user message], True)``.
+That is the property vLLM's prefix cache rewards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+GENERATION_PROMPT = f"{IM_START}assistant\n"
+
+
+def render_message(role: str, content: str) -> str:
+    """One message: ``<|im_start|>{role}\\n{content}<|im_end|>\\n``."""
+    return f"{IM_START}{role}\n{content}{IM_END}\n"
+
+
+def render_chat(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:
+    """The prompt text of ``messages`` (each a mapping with ``role`` and ``content``).
+
+    With ``add_generation_prompt`` the text ends with the opening of the
+    assistant's reply, which is what a model continues from.
+    """
+    parts = [render_message(m["role"], m.get("content") or "") for m in messages]
+    if add_generation_prompt:
+        parts.append(GENERATION_PROMPT)
+    return "".join(parts)

