@@ -28,7 +28,6 @@ from memory.checkpoint_records import CheckpointRecord, encode_record
 from memory.keys import META_SCAN_PATTERN, SessionKeys, split_thread_id
 from memory.models import SessionState, Turn
 
-
 _PING_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError)
 
 

@@ -29,6 +29,8 @@ class Turn:
     memories: str | None = None
     created_at: float = 0.0
     usage: dict[str, Any] | None = None
+    # Prompt tokens of this turn's messages, counted once per process (not stored).
+    n_tokens: int = -1
 
     def encode(self) -> bytes:
         return orjson.dumps(
