@@ -1,0 +1,1 @@
+"""Checks of what tiermem ships for deployment: Dockerfile, kustomize, Helm, KEDA."""
