@@ -206,7 +206,10 @@ class ContextBuilder:
                 running -= turn_tokens[drop]
                 drop += 1
             turns = turns[drop:]
-            new_start = turns[0].index if turns else state.turn_count + 1
+            # A retried turn keeps its index: the live context must still start
+            # at or before it once it is committed.
+            next_index = exclude_turn if exclude_turn is not None else state.turn_count + 1
+            new_start = turns[0].index if turns else next_index
             compaction = (new_start, summary)
             total = running
         messages = self.messages_for(summary, turns, new_user)

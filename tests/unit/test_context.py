@@ -459,6 +459,21 @@ def test_a_context_far_over_budget_is_compacted_in_a_single_plan(
     assert nxt.account.reason is None
 
 
+def test_compaction_during_a_retry_keeps_the_retried_turn(
+    prefix: StablePrefix, tok: Tokenizer
+) -> None:
+    state = new_state()
+    play(ContextBuilder(prefix, tok, 10**9), state, EXCHANGES[:5])
+    message = "Where is my parcel?"
+    failed = ContextBuilder(prefix, tok, 10**9).plan(state, message, None)
+    commit(state, failed, message, "", status="failed")
+    retried = state.turn_count
+    small = ContextBuilder(prefix, tok, budget_tokens=prefix_tokens(prefix, tok) + 40)
+    plan = small.plan(state, message, None, exclude_turn=retried)
+    assert plan.compaction is not None
+    assert plan.compaction[0] <= retried
+
+
 # --- L1 miss -----------------------------------------------------------------------------
 
 
