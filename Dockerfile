@@ -11,14 +11,15 @@
 #   docker build --build-arg EXTRAS= -t tiermem:0.1.0-slim .   # no torch/MiniLM: hashing embedder
 #   docker run --rm -p 8000:8000 tiermem:0.1.0
 #
-# Graceful shutdown: `tiermem serve` passes TIERMEM_DRAIN_TIMEOUT_S (default 25)
-# to uvicorn as `--timeout-graceful-shutdown`; it is the same as running
-#   uvicorn app.main:app --loop uvloop --http httptools --timeout-graceful-shutdown 25
-# On SIGTERM /readyz turns 503, new turns get 503 + Retry-After, open SSE streams
-# get that long to finish, then the process exits 0. The exec-form ENTRYPOINT
-# below makes the server PID 1, so SIGTERM from `docker stop` or the kubelet
-# reaches it directly (no shell in between to swallow it). Give `docker stop`
-# more time than the drain: `docker stop -t 40`.
+# Graceful shutdown: `tiermem serve` configures uvicorn (loop uvloop, http
+# httptools) with uvicorn's --timeout-graceful-shutdown derived from
+# TIERMEM_DRAIN_TIMEOUT_S (default 25 s; uvicorn gets that plus 5 s, a backstop
+# behind the app's own drain). On SIGTERM the server keeps listening: /readyz
+# turns 503, new turns get 503 + Retry-After, open SSE streams get the drain
+# timeout to finish, then the process exits 0. The exec-form ENTRYPOINT below
+# makes the server PID 1, so SIGTERM from `docker stop` or the kubelet reaches
+# it directly (no shell in between to swallow it). Give `docker stop` more time
+# than the drain: `docker stop -t 40`.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from infra.k8s_discovery import parse_k8s_url
 from infra.settings import Settings
 from tests.deploy.manifests import (
     REPO_ROOT,
@@ -251,12 +252,14 @@ def test_secrets_come_from_secret_refs(overlay: Overlay) -> None:
 
 def test_llm_url_discovers_the_vllm_service_with_rbac(overlay: Overlay) -> None:
     env = _env(overlay)
-    m = re.fullmatch(r"k8s://([^/]+)/([^:]+):(\d+)", env["TIERMEM_LLM_URL"])
-    assert m, env["TIERMEM_LLM_URL"]
-    namespace, service, port = m.group(1), m.group(2), int(m.group(3))
+    # Parsed by the app's own parser, so the format cannot drift from it.
+    target = parse_k8s_url(env["TIERMEM_LLM_URL"])
+    namespace, service, port = target.namespace, target.service, target.port
     assert namespace == overlay.namespace, "TIERMEM_LLM_URL names another namespace"
     svc = overlay.find("Service", service)
-    assert port in [p["port"] for p in svc["spec"]["ports"]]
+    # A number is taken as the pod's port as it is; a name is looked up in the
+    # EndpointSlices, which carry the Service's port names: prefer the name.
+    assert port in [p.get("name") for p in svc["spec"]["ports"]], "use the Service port name"
 
     dep = _tiermem(overlay)
     account = pod_spec(dep)["serviceAccountName"]

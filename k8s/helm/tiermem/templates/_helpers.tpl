@@ -90,7 +90,7 @@ EndpointSlices, so each session stays on one replica (its KV prefix cache).
 {{- if .Values.config.llmUrl }}
 {{- .Values.config.llmUrl }}
 {{- else if .Values.vllm.enabled }}
-{{- printf "k8s://%s/%s:%d" .Release.Namespace (include "tiermem.vllm.fullname" .) (int .Values.vllm.port) }}
+{{- printf "k8s://%s/%s:http" .Release.Namespace (include "tiermem.vllm.fullname" .) }}
 {{- end }}
 {{- end }}
 
