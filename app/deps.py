@@ -1,4 +1,5 @@
-"""Dependencies the routes declare: the app's services and the caller's tenant."""
+"""Dependencies the routes declare: the app's services, the caller's tenant and
+the tenant rate limiter."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi import Depends, Header, Request
 
 from app.auth import AuthError
 from app.errors import ApiError
+from app.ratelimit import RateLimiter
 from app.services import Services
 
 
@@ -29,5 +31,22 @@ def get_tenant(
         raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"}) from exc
 
 
+def get_rate_limiter(request: Request) -> RateLimiter | None:
+    """The app's limiter, or None when both limits are off (then it costs nothing).
+
+    Built on first use rather than at import or app creation: it needs the
+    Redis client, which exists only once the lifespan has started the services.
+    """
+    state = request.app.state
+    if not hasattr(state, "rate_limiter"):
+        services = get_services(request)
+        state.rate_limiter = RateLimiter.from_settings(
+            services.settings, services.redis, services.metrics
+        )
+    limiter: RateLimiter | None = state.rate_limiter
+    return limiter
+
+
 ServicesDep = Annotated[Services, Depends(get_services)]
 TenantDep = Annotated[str, Depends(get_tenant)]
+RateLimiterDep = Annotated[RateLimiter | None, Depends(get_rate_limiter)]

@@ -40,7 +40,9 @@ async def relay(
     while True:
         if queue.empty():
             try:
-                item = await asyncio.wait_for(queue.get(), timeout=heartbeat_s)
+                # asyncio.timeout, not wait_for: no extra task per event.
+                async with asyncio.timeout(heartbeat_s):
+                    item = await queue.get()
             except TimeoutError:
                 yield HEARTBEAT
                 continue

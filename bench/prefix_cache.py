@@ -237,7 +237,7 @@ class TurnStat:
     expected: int | None  # ContextBuilder's expected_cacheable (tiermem's layouts)
     reason: str | None  # why the prefix broke, as the service would report it
     compacted: bool = False
-    uncovered_drops: int = 0  # turns compaction dropped that no summary covered yet
+    uncovered_drops: int = 0  # dropped turns neither summarised nor kept as a note
     moved: bool = False
     count_mismatch: bool = False  # the builder's prompt_tokens != tokens sent
 
@@ -316,8 +316,14 @@ class SessionReplay:
             reason = "route_change"  # as graph.nodes.commit reports it
         uncovered = 0
         if plan.compaction is not None:
+            # Dropped turns the new context summary does not represent: neither
+            # covered by the running summary nor kept as a note (notes are bounded).
+            new_summary = plan.compaction[1]
             uncovered = sum(
-                1 for t in state.turns if state.archived_upto < t.index < plan.compaction[0]
+                1
+                for t in state.turns
+                if state.summary_upto < t.index < plan.compaction[0]
+                and f"turn {t.index}: user: " not in new_summary
             )
         stat = TurnStat(
             turn=state.turn_count + 1,
@@ -668,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.budget}: hit rate {pct(compaction.hit_rate).strip()} (turns 2+), "
         f"{pct(compaction.hit_rate_all).strip()} (all turns), "
         f"{compaction.compactions / max(1, compaction.sessions):.1f} compactions per "
-        f"conversation, {compaction.uncovered_drops} dropped turns not yet in the summary"
+        f"conversation, {compaction.uncovered_drops} dropped turns neither summarised nor noted"
     )
     print(f"ran in {elapsed:.1f}s")
 

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ from langgraph.config import get_stream_writer
 
 from graph.guard import check_message, needs_memory
 from graph.state import TurnState
-from infra.llm import LLMClient, LLMDone, LLMError, LLMEvent, LLMToken
+from infra.llm import LLMClient, LLMDone, LLMError, LLMToken
 from infra.settings import Settings
 from memory.archiver import Archiver
 from memory.context import ContextBuilder, render_memories
@@ -180,30 +179,55 @@ class TurnNodes:
             session, inp.message, state.get("memory_block"), exclude_turn=state.get("retry_of")
         )
         pieces: list[str] = []
-        done: LLMDone | None = None
+        got: dict[str, Any] = {"done": None, "ttft_ms": None}
         error: dict[str, Any] | None = None
         status = "complete"
-        ttft_ms: float | None = None
-        stream = self.d.llm.stream_chat(plan.messages, session_key=session_key(inp))
+        writer = get_stream_writer()
+        metrics = self.d.metrics
+        started = state["started"]
+
+        async def consume() -> None:
+            stream = self.d.llm.stream_chat(plan.messages, session_key=session_key(inp))
+            try:
+                async for ev in stream:
+                    if isinstance(ev, LLMToken):
+                        if got["ttft_ms"] is None:
+                            first_s = time.perf_counter() - started
+                            got["ttft_ms"] = first_s * 1000
+                            metrics.ttft_seconds.observe(first_s)
+                        pieces.append(ev.text)
+                        writer({"event": "token", "data": {"text": ev.text}})
+                    elif isinstance(ev, LLMDone):
+                        got["done"] = ev
+            finally:
+                # Closes the upstream response: vLLM aborts a request whose
+                # connection goes away.
+                await stream.aclose()
+
+        # One task for the whole stream, raced once against the cancel event
+        # (client gone, drain deadline): nothing extra per token.
+        task = asyncio.create_task(consume())
+        waiter = asyncio.create_task(control.cancel.wait())
         try:
-            async for ev in _until_cancelled(stream, control.cancel):
-                if isinstance(ev, LLMToken):
-                    if ttft_ms is None:
-                        ttft_ms = (time.perf_counter() - state["started"]) * 1000
-                        self.d.metrics.ttft_seconds.observe(ttft_ms / 1000)
-                    pieces.append(ev.text)
-                    _emit("token", {"text": ev.text})
-                elif isinstance(ev, LLMDone):
-                    done = ev
-            if control.cancel.is_set() and done is None:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
                 status = "interrupted"
+            else:
+                task.result()
         except LLMError as exc:
             status = "failed" if not pieces else "interrupted"
             error = {"code": f"llm_{exc.kind}", "message": str(exc), "retryable": True}
-            self.d.metrics.errors.labels(f"llm_{exc.kind}").inc()
+            metrics.errors.labels(f"llm_{exc.kind}").inc()
             log.warning("LLM failed: %s", exc)
         finally:
-            await stream.aclose()
+            waiter.cancel()
+            if not task.done():  # the node itself was cancelled
+                task.cancel()
+        done: LLMDone | None = got["done"]
+        ttft_ms: float | None = got["ttft_ms"]
         usage = done.usage if done is not None else None
         llm_usage = {
             "prompt_tokens": usage.prompt_tokens if usage else plan.prompt_tokens,
@@ -401,28 +425,3 @@ def _refresh(session: SessionState, fresh: SessionState) -> None:
     for name in SessionState.__slots__:
         setattr(session, name, getattr(fresh, name))
     session.last_rendered = last_rendered
-
-
-async def _until_cancelled(
-    stream: AsyncIterator[LLMEvent], cancel: asyncio.Event
-) -> AsyncIterator[LLMEvent]:
-    """Yields from ``stream`` until it ends or ``cancel`` is set, whichever first,
-    without waiting for the next token once cancelled."""
-    if cancel.is_set():
-        return
-    waiter = asyncio.ensure_future(cancel.wait())
-    try:
-        while True:
-            nxt = asyncio.ensure_future(anext(stream))
-            done, _ = await asyncio.wait({nxt, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if nxt not in done:
-                nxt.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, LLMError):
-                    await nxt
-                return
-            try:
-                yield nxt.result()
-            except StopAsyncIteration:
-                return
-    finally:
-        waiter.cancel()

@@ -431,6 +431,13 @@ class OpenAICompatibleLLM:
                                 ttft_ms = (loop.time() - started) * 1000.0
                             emitted = True
                             yield LLMToken(text)
+                # Read to the end of the body (normally nothing is left after
+                # [DONE]) so the connection returns to the pool: closing it
+                # half-read would make httpx drop it and reconnect next turn.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        async for _ in lines:
+                            pass
                 if ttft_ms is None:
                     ttft_ms = (loop.time() - started) * 1000.0
                 yield LLMDone(

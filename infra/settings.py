@@ -82,9 +82,10 @@ class Settings(BaseSettings):
     # Token budget of the live context; above it the oldest turns are replaced
     # by the running summary in one planned step.
     context_budget_tokens: int = Field(default=6000, ge=256)
-    # After compaction the live context is at most this fraction of the budget,
+    # After compaction the live context is at most this fraction of the budget
+    # (plus notes on dropped, not yet summarised turns: at most a tenth of it),
     # so compactions are rare (each one costs a prefix-cache miss).
-    compaction_target_ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
+    compaction_target_ratio: float = Field(default=0.5, gt=0.0, le=0.85)
     retrieve_k: int = Field(default=4, ge=1, le=50)
     # A retrieval slower than this is skipped for the turn (memory is a bonus).
     retrieve_timeout_s: float = 2.0
@@ -125,6 +126,22 @@ class Settings(BaseSettings):
     auth: Literal["on", "off"] = "on"
     api_keys_file: Path | None = None
     default_tenant: str = "default"
+
+    # --- rate limits (per tenant, kept in Redis; see app/ratelimit.py) ------------
+    # 0 turns a limit off. Both are off by default: with a limit on, every turn
+    # costs one more Redis round trip at admission (and a stream limit one more
+    # when the stream ends), which operators opt into.
+    # Turns a tenant may start in any 60-second window (sliding window).
+    rate_turns_per_minute: int = Field(default=0, ge=0)
+    # Streams (running turns) a tenant may have at once, across all pods.
+    rate_max_streams: int = Field(default=0, ge=0)
+    # A running stream's slot is a lease renewed every third of this; a pod that
+    # dies frees its slots within this long.
+    rate_stream_lease_s: float = Field(default=30.0, gt=0)
+    # Redis unreachable or slower than rate_redis_timeout_s: "open" lets the turn
+    # go on unlimited, "closed" refuses it with 503.
+    rate_fail_mode: Literal["open", "closed"] = "open"
+    rate_redis_timeout_s: float = Field(default=0.25, gt=0)
 
     @field_validator("llm_url", "redis_url", "milvus_uri", "milvus_token", "llm_api_key")
     @classmethod

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from memory.l2_store import L2Error, L2Store
 from memory.l3_store import L3Store, L3Unavailable, MemoryRecord, batch_id_for
 from memory.metrics import Metrics
 from memory.models import Turn
+from memory.summaries import extractive_summary, transcript
 
 log = logging.getLogger("tiermem.archiver")
 
@@ -53,25 +53,6 @@ class ArchiveResult:
 AdvanceHook = Callable[[str, str, int, int, str], None]
 # Test fault injection: runs after the L3 upsert, before the cursor moves.
 CrashHook = Callable[[str], Awaitable[None]]
-
-
-def transcript(turns: list[Turn]) -> str:
-    lines = []
-    for t in turns:
-        lines.append(f"[turn {t.index}] user: {t.user}")
-        if t.assistant:
-            lines.append(f"[turn {t.index}] assistant: {t.assistant}")
-    return "\n".join(lines)
-
-
-def extractive_summary(turns: list[Turn], max_chars: int = 1200) -> str:
-    """A summary with no LLM: the first sentence of each user message.
-    Used when the LLM fails, so a batch never waits on the LLM forever."""
-    parts = []
-    for t in turns:
-        first = re.split(r"(?<=[.!?])\s", t.user.strip(), maxsplit=1)[0]
-        parts.append(f"turn {t.index}: {first[:200]}")
-    return "\n".join(parts)[:max_chars]
 
 
 def merge_summaries(running: str, batch_summary: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 from infra.chat_template import render_chat
 from infra.tokenizer import Tokenizer
 from memory.models import SessionState, Turn
+from memory.summaries import context_summary
 
 KV_BLOCK_TOKENS = 16
 
@@ -138,6 +139,9 @@ class ContextBuilder:
         self.tokenizer = tokenizer
         self.budget_tokens = budget_tokens
         self.target_ratio = target_ratio
+        # Notes on dropped, not yet summarised turns take at most about a tenth
+        # of the budget (about four characters a token).
+        self.max_note_chars = budget_tokens * 4 // 10
         self._prefix_message = {"role": "system", "content": prefix.render()}
         self._prefix_tokens = self._count_messages([self._prefix_message])
         self._gen_tokens = self.tokenizer.count(render_chat([], add_generation_prompt=True))
@@ -159,6 +163,9 @@ class ContextBuilder:
         if turn.n_tokens < 0:
             turn.n_tokens = self._count_messages(self.turn_messages(turn))
         return turn.n_tokens
+
+    def _summary_tokens(self, summary: str) -> int:
+        return self._count_messages([self.summary_message(summary)]) if summary else 0
 
     @staticmethod
     def summary_message(summary: str) -> dict[str, str]:
@@ -189,29 +196,37 @@ class ContextBuilder:
         new_user = user_content(message, memories)
         new_tokens = self.tokenizer.count(render_chat([{"role": "user", "content": new_user}]))
         summary = state.context_summary
-        summary_tokens = self._count_messages([self.summary_message(summary)]) if summary else 0
+        summary_tokens = self._summary_tokens(summary)
         turn_tokens = [self.turn_tokens(t) for t in turns]
         total = self._prefix_tokens + summary_tokens + sum(turn_tokens) + new_tokens
         total += self._gen_tokens
         compaction: tuple[int, str] | None = None
         if total > self.budget_tokens and turns:
             target = int(self.budget_tokens * self.target_ratio)
-            summary = state.summary
-            summary_tokens = self._count_messages([self.summary_message(summary)]) if summary else 0
-            base = self._prefix_tokens + summary_tokens + new_tokens + self._gen_tokens
-            keep = len(turns)
-            running = base + sum(turn_tokens)
+            # Drop the oldest turns down to the target, counting the running
+            # summary that replaces them; notes on dropped turns it does not
+            # cover yet come on top, within their own small allowance.
+            running_tokens = self._summary_tokens(state.summary)
+            fixed = self._prefix_tokens + new_tokens + self._gen_tokens + running_tokens
+            remaining = sum(turn_tokens)
             drop = 0
-            while drop < keep and running > target:
-                running -= turn_tokens[drop]
+            while drop < len(turns) and fixed + remaining > target:
+                remaining -= turn_tokens[drop]
                 drop += 1
+            summary = context_summary(
+                state.summary,
+                state.summary_upto,
+                state.context_summary,
+                turns[:drop],
+                self.max_note_chars,
+            )
+            total = fixed - running_tokens + self._summary_tokens(summary) + remaining
             turns = turns[drop:]
             # A retried turn keeps its index: the live context must still start
             # at or before it once it is committed.
             next_index = exclude_turn if exclude_turn is not None else state.turn_count + 1
             new_start = turns[0].index if turns else next_index
             compaction = (new_start, summary)
-            total = running
         messages = self.messages_for(summary, turns, new_user)
         prompt_text = render_chat(messages, add_generation_prompt=True)
         account = self._account(state, prompt_text, total, compaction is not None)

@@ -3,7 +3,10 @@
 The turn runs in a task of its own, decoupled from the HTTP response: if the
 client goes away, generation stops (the upstream LLM request is closed) but the
 turn still commits what was generated, marked ``interrupted``. Bad input is
-refused here, before anything touches Redis, Milvus or the LLM.
+refused here, before anything touches Redis, Milvus or the LLM. Tenant rate
+limits (app/ratelimit.py) are checked after the input is known to be good, so a
+refused request never costs the tenant a turn; a stream slot is held by the
+turn's task until the turn is committed.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
-from app.deps import ServicesDep, TenantDep
+from app.deps import RateLimiterDep, ServicesDep, TenantDep
 from app.errors import ApiError
 from app.logging_setup import session_var, tenant_var
+from app.ratelimit import RateLimited, RateLimiter, RateLimitUnavailable, StreamLease
 from app.services import Services
 from app.sse import event_stream, relay
 from graph.guard import InputRejected, check_message
@@ -69,6 +74,7 @@ async def post_turn(
     body: TurnRequest,
     tenant: TenantDep,
     services: ServicesDep,
+    limiter: RateLimiterDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     started = time.perf_counter()
@@ -92,16 +98,41 @@ async def post_turn(
         retrieve=body.retrieve,
         client_turn_id=turn_id is not None,
     )
+    lease = await _admit(limiter, tenant)
     tenant_var.set(tenant)
     session_var.set(session_id)
-    return event_stream(_stream(services, inp, started))
+    response = event_stream(_stream(services, inp, started, lease))
+    if lease is not None:
+        # If the stream never starts (the client left first), no task will
+        # hold the slot: give it back now rather than when its lease expires.
+        response.background = BackgroundTask(lease.release_if_unclaimed)
+    return response
 
 
-async def _stream(services: Services, inp: TurnInput, started: float) -> AsyncIterator[bytes]:
+async def _admit(limiter: RateLimiter | None, tenant: str) -> StreamLease | None:
+    if limiter is None:
+        return None
+    try:
+        return await limiter.admit(tenant)
+    except RateLimited as exc:
+        code = "rate_limited" if exc.limit == "turns_per_minute" else "too_many_streams"
+        raise ApiError(429, code, exc.message, {"Retry-After": str(exc.retry_after_s)}) from exc
+    except RateLimitUnavailable as exc:
+        raise ApiError(
+            503, "rate_limit_unavailable", "rate limits cannot be checked now; retry",
+            {"Retry-After": "1"},
+        ) from exc  # fmt: skip
+
+
+async def _stream(
+    services: Services, inp: TurnInput, started: float, lease: StreamLease | None = None
+) -> AsyncIterator[bytes]:
     control = TurnControl()
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     services.controls.add(control)
-    task = asyncio.create_task(_produce(services, inp, control, queue, started))
+    if lease is not None:
+        lease.claim()
+    task = asyncio.create_task(_produce_holding(lease, services, inp, control, queue, started))
     services.turn_tasks.add(task)
     services.refresh_gauges()
 
@@ -119,6 +150,23 @@ async def _stream(services: Services, inp: TurnInput, started: float) -> AsyncIt
             # The client went away (or the response was cancelled): stop
             # generating; the task still commits what it has.
             control.stop("client_disconnected")
+
+
+async def _produce_holding(
+    lease: StreamLease | None,
+    services: Services,
+    inp: TurnInput,
+    control: TurnControl,
+    queue: asyncio.Queue[dict[str, Any] | None],
+    started: float,
+) -> None:
+    """The turn, holding its stream slot (if streams are limited) until it has
+    committed; the slot is released after the stream's last event."""
+    if lease is None:
+        await _produce(services, inp, control, queue, started)
+        return
+    async with lease.held():
+        await _produce(services, inp, control, queue, started)
 
 
 async def _produce(

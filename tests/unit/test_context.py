@@ -417,17 +417,23 @@ def test_compaction_happens_only_over_budget_in_one_step(
             compactions += 1
             assert plan.compaction is not None
             new_start, summary = plan.compaction
-            assert summary == state.summary
+            # The running summary, then a note for each dropped turn it does not
+            # cover yet (bounded), so dropped turns stay represented.
+            assert summary.startswith(state.summary)
             assert plan.meta_updates["context_start"] == str(new_start)
             assert plan.meta_updates["context_summary"] == summary
-            # One step, down to the target, not to just under the budget.
+            # One step, down to the target (plus the bounded notes on dropped
+            # turns), not to just under the budget.
             target = int(budget * ratio)
-            assert plan.prompt_tokens <= target
+            notes = builder._summary_tokens(summary) - builder._summary_tokens(state.summary)
+            assert notes <= builder.max_note_chars
+            assert plan.prompt_tokens - notes <= target
             kept = [t for t in state.turns if t.index >= new_start]
             dropped = [t for t in state.turns if t.index < new_start]
             assert dropped, "compaction must drop something"
+            assert f"turn {dropped[-1].index}: user: " in summary
             # The oldest turns go, and no more of them than needed.
-            assert plan.prompt_tokens + builder.turn_tokens(dropped[-1]) > target
+            assert plan.prompt_tokens - notes + builder.turn_tokens(dropped[-1]) > target
             expected = builder.messages_for(summary, kept, message)
             assert plan.messages == expected
             assert plan.messages[1] == ContextBuilder.summary_message(summary)
@@ -451,7 +457,10 @@ def test_a_context_far_over_budget_is_compacted_in_a_single_plan(
     assert _sizes(prefix, tok, state, "Where is my parcel?") > 3 * budget
     plan = builder.plan(state, "Where is my parcel?", None)
     assert plan.compaction is not None
-    assert plan.prompt_tokens <= int(budget * 0.75)
+    summary = plan.compaction[1]
+    notes = builder._summary_tokens(summary) - builder._summary_tokens(state.summary)
+    assert plan.prompt_tokens - notes <= int(budget * 0.75)
+    assert plan.prompt_tokens <= budget
     assert len(plan.messages) > 4, "turns that fit under the target are kept"
     commit(state, plan, "Where is my parcel?", "On its way.")
     nxt = builder.plan(state, "Thanks.", None)
