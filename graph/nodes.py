@@ -272,6 +272,7 @@ class TurnNodes:
             index=0, turn_id=inp.turn_id, user=inp.message, assistant=reply, status=status,
             memories=state.get("memory_block"), created_at=now, usage=usage,
         )  # fmt: skip
+        self.d.context.turn_tokens(turn)  # stored with the turn: no recount on reload
         meta = dict(plan.meta_updates)
         meta["updated_at"] = repr(now)
         meta["user_id"] = session.user_id or inp.user_id

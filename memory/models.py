@@ -29,7 +29,8 @@ class Turn:
     memories: str | None = None
     created_at: float = 0.0
     usage: dict[str, Any] | None = None
-    # Prompt tokens of this turn's messages, counted once per process (not stored).
+    # Prompt tokens of this turn's messages, counted once at commit and stored,
+    # so a session reloaded on an L1 miss is not tokenised again.
     n_tokens: int = -1
 
     def encode(self) -> bytes:
@@ -44,6 +45,7 @@ class Turn:
                 "m": self.memories,
                 "t": self.created_at,
                 "usage": self.usage,
+                "n": self.n_tokens,
             }
         )
 
@@ -61,6 +63,7 @@ class Turn:
             memories=d.get("m"),
             created_at=float(d.get("t") or 0.0),
             usage=d.get("usage"),
+            n_tokens=int(d.get("n", -1)),
         )
 
     def approx_bytes(self) -> int:
