@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from starlette.responses import StreamingResponse
@@ -35,10 +35,16 @@ HEARTBEAT = b": heartbeat\n\n"
 async def relay(
     queue: asyncio.Queue[dict[str, Any] | None], turn_id: str, heartbeat_s: float
 ) -> AsyncIterator[bytes]:
-    """Frames the events a turn puts on ``queue`` until it puts None."""
+    """Frames the events a turn puts on ``queue`` until it puts None.
+
+    Token events that queued up while the socket was busy go out as one event
+    (the same text, fewer frames and sends under load)."""
     seq = 0
+    held: object = _NOTHING  # taken off the queue, not sent yet
     while True:
-        if queue.empty():
+        if held is not _NOTHING:
+            item, held = cast("dict[str, Any] | None", held), _NOTHING
+        elif queue.empty():
             try:
                 # asyncio.timeout, not wait_for: no extra task per event.
                 async with asyncio.timeout(heartbeat_s):
@@ -50,8 +56,20 @@ async def relay(
             item = queue.get_nowait()
         if item is None:
             return
+        if item["event"] == "token" and not queue.empty():
+            texts = [item["data"]["text"]]
+            while not queue.empty():
+                nxt = queue.get_nowait()
+                if nxt is None or nxt["event"] != "token":
+                    held = nxt
+                    break
+                texts.append(nxt["data"]["text"])
+            item = {"event": "token", "data": {"text": "".join(texts)}}
         yield frame(f"{turn_id}:{seq}", item["event"], item["data"])
         seq += 1
+
+
+_NOTHING = object()
 
 
 def event_stream(body: AsyncIterator[bytes]) -> StreamingResponse:
