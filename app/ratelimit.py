@@ -170,17 +170,20 @@ class StreamLease:
         try:
             yield
         finally:
+            # Not awaited: awaiting a cancelled task here could swallow a
+            # cancellation meant for the turn's own task.
             self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
             await self.release()
 
     async def _renew_forever(self) -> None:
         period = self.limiter.stream_lease_s / 3
         while True:
             await asyncio.sleep(period)
-            if not await self.limiter.renew(self.tenant, self.member):
-                log.warning("stream lease expired before it was renewed (Redis stalled?)")
+            if await self.limiter.renew(self.tenant, self.member) is False:
+                # Purged: taking the slot back could exceed the limit, so the
+                # stream runs on without one. (None: no answer; try again.)
+                log.warning("stream lease lost before it was renewed (Redis slow or down?)")
+                return
 
 
 class RateLimiter:
@@ -288,9 +291,9 @@ class RateLimiter:
         if self.fail_mode == "closed":
             raise RateLimitUnavailable("rate limits cannot be checked: Redis unavailable")
 
-    async def renew(self, tenant: str, member: str) -> bool:
-        """Pushes a lease's deadline ``stream_lease_s`` ahead; False if it is gone
-        (or Redis did not answer: it stays as it was and may expire)."""
+    async def renew(self, tenant: str, member: str) -> bool | None:
+        """Pushes a lease's deadline ``stream_lease_s`` ahead. False if the lease
+        is gone; None if Redis did not answer (the lease stays as it was)."""
         self.round_trips += 1
         try:
             return bool(
@@ -301,7 +304,7 @@ class RateLimiter:
             )
         except _UNAVAILABLE as exc:
             log.debug("stream lease not renewed: %s", exc)
-            return False
+            return None
 
     async def release(self, tenant: str, member: str) -> None:
         """Gives a stream slot back; if Redis cannot be reached, the lease expires."""

@@ -73,7 +73,9 @@ class Services:
         s = self.settings
         self._start_auth()
         url, self.embedded_redis = await ensure_redis(s)
-        self.redis = create_redis(url, socket_timeout=s.redis_socket_timeout_s)
+        self.redis = create_redis(
+            url, socket_timeout=s.redis_socket_timeout_s, max_connections=s.redis_max_connections
+        )
         self.milvus = AsyncMilvus(s.resolved_milvus_uri, s.milvus_token, self.executor)
         if self.milvus.is_local:
             s.data_dir.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     # (any one node; the rest is discovered). rediss:// and rediss+cluster:// for TLS.
     redis_url: str | None = None
     redis_socket_timeout_s: float = 2.0
+    # Connection pool cap (per node on a cluster). A full pool makes a caller wait
+    # up to the socket timeout rather than fail.
+    redis_max_connections: int = Field(default=1024, ge=1)
     # Turn log, checkpoint and cursor keys expire this long after the last turn.
     session_ttl_s: int = 7 * 24 * 3600
     # Retrieval results are cached in L2 this long.
@@ -116,6 +119,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     heartbeat_s: float = 15.0
+    # /readyz needs Milvus too (DESIGN.md). Chat works without Milvus (batches wait
+    # in L2), so an operator may prefer pods to stay in the Service during a
+    # Milvus outage: set false.
+    ready_requires_milvus: bool = True
     # On SIGTERM, in-flight streams get this long to finish.
     drain_timeout_s: float = 25.0
     log_format: Literal["auto", "json", "text"] = "auto"

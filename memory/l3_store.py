@@ -245,6 +245,13 @@ class L3Store:
         if not self._ready:
             await self.ensure_collection()
 
+    def _unavailable(self, exc: Exception) -> L3Unavailable:
+        # Check (and load) the collection again on the next call: a restarted
+        # Milvus brings collections back released, and searches then fail until
+        # something loads them.
+        self._ready = False
+        return L3Unavailable(str(exc))
+
     async def _embed(self, text: str) -> list[float]:
         try:
             vectors = await self.embedder.embed([text])
@@ -283,7 +290,7 @@ class L3Store:
         try:
             await self.milvus.upsert(self.collection, [row])
         except MilvusError as exc:
-            raise L3Unavailable(str(exc)) from exc
+            raise self._unavailable(exc) from exc
 
     async def delete_user(self, tenant: str, user_id: str) -> int:
         """Delete every batch of one user of one tenant; the number of rows deleted."""
@@ -292,7 +299,7 @@ class L3Store:
         try:
             return await self.milvus.delete(self.collection, filter=expr)
         except MilvusError as exc:
-            raise L3Unavailable(str(exc)) from exc
+            raise self._unavailable(exc) from exc
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -316,7 +323,7 @@ class L3Store:
                 search_params={"metric_type": "COSINE"},
             )
         except MilvusError as exc:
-            raise L3Unavailable(str(exc)) from exc
+            raise self._unavailable(exc) from exc
         hits: list[MemoryHit] = []
         for raw in results[0] if results else []:
             entity = raw.get("entity", {})
@@ -351,7 +358,7 @@ class L3Store:
                 consistency_level="Strong",
             )
         except MilvusError as exc:
-            raise L3Unavailable(str(exc)) from exc
+            raise self._unavailable(exc) from exc
         return int(rows[0]["count(*)"]) if rows else 0
 
     async def list_batches(self, tenant: str, session_id: str) -> list[MemoryRecord]:
@@ -367,7 +374,7 @@ class L3Store:
                 consistency_level="Strong",
             )
         except MilvusError as exc:
-            raise L3Unavailable(str(exc)) from exc
+            raise self._unavailable(exc) from exc
         records = [
             MemoryRecord(
                 batch_id=str(r["batch_id"]),

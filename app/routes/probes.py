@@ -22,7 +22,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     if services.draining:
         return JSONResponse({"ready": False, "draining": True}, status_code=503)
     checks = await services.ready()
-    ok = checks["redis"] and checks["milvus"]
+    ok = checks["redis"] and (checks["milvus"] or not services.settings.ready_requires_milvus)
     return JSONResponse({"ready": ok, **checks}, status_code=200 if ok else 503)
 
 
