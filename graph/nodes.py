@@ -107,7 +107,7 @@ class TurnNodes:
             raise StorageUnavailable(str(exc)) from exc
 
     @staticmethod
-    def route_after_load(state: TurnState) -> str:
+    async def route_after_load(state: TurnState) -> str:
         return "__end__" if state.get("replayed") else "input_guard"
 
     async def _load_from_l2(self, tenant: str, session_id: str) -> SessionState | None:
@@ -125,7 +125,7 @@ class TurnNodes:
         return {"need_memory": need, "timings": _timed(state, "guard", t0)}
 
     @staticmethod
-    def route_after_guard(state: TurnState) -> str:
+    async def route_after_guard(state: TurnState) -> str:
         return "retrieve" if state.get("need_memory") else "respond"
 
     # --- retrieve ---------------------------------------------------------------------
@@ -392,7 +392,7 @@ class TurnNodes:
             m.phase_seconds.labels(phase).observe(secs)
 
     @staticmethod
-    def route_after_commit(state: TurnState) -> str:
+    async def route_after_commit(state: TurnState) -> str:
         return "archive" if state.get("archive_batch") else "__end__"
 
     # --- archive --------------------------------------------------------------------------
