@@ -65,7 +65,10 @@ class TurnRunner:
                     yield chunk
                 else:
                     final = chunk
+            # Every phase is known only once the graph is done (commit included).
             timings = final.get("timings") or {}
+            for phase, secs in timings.items():
+                m.phase_seconds.labels(phase).observe(secs)
             overhead = sum(v for k, v in timings.items() if k != "respond")
             m.overhead_seconds.observe(overhead)
             self.last_timings = timings

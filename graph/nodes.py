@@ -387,9 +387,6 @@ class TurnNodes:
         m.expected_cacheable_tokens.inc(usage.get("expected_cacheable_tokens") or 0)
         if reason:
             m.prefix_breaks.labels(reason).inc()
-        timings = state.get("timings") or {}
-        for phase, secs in timings.items():
-            m.phase_seconds.labels(phase).observe(secs)
 
     @staticmethod
     async def route_after_commit(state: TurnState) -> str:
