@@ -65,13 +65,18 @@ class ApiKeyAuth:
             return  # keep the last good set while the file is being replaced
         if mtime == self._mtime and not force:
             return
-        data = json.loads(self.path.read_text())
-        entries = {}
-        for item in data.get("keys", []):
-            tenant = validate_id(str(item["tenant"]), "tenant")
-            entries[str(item["sha256"]).lower()] = KeyEntry(
-                tenant, str(item.get("name", "")), bool(item.get("revoked", False))
+        try:
+            entries = _parse(self.path.read_text())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            if force:
+                raise
+            # Caught half-written, or broken: keep serving with the last good set.
+            log.error(
+                "API key file %s unreadable (%s); keeping the last good keys",
+                self.path,
+                type(exc).__name__,
             )
+            return
         self._entries = entries
         self._mtime = mtime
         log.info("API keys loaded", extra={"keys": len(entries), "path": str(self.path)})
@@ -87,6 +92,16 @@ class ApiKeyAuth:
         if entry is None or entry.revoked:
             raise AuthError("unknown or revoked API key")
         return entry.tenant
+
+
+def _parse(text: str) -> dict[str, KeyEntry]:
+    entries = {}
+    for item in json.loads(text).get("keys", []):
+        tenant = validate_id(str(item["tenant"]), "tenant")
+        entries[str(item["sha256"]).lower()] = KeyEntry(
+            tenant, str(item.get("name", "")), bool(item.get("revoked", False))
+        )
+    return entries
 
 
 def ensure_dev_key(data_dir: Path, tenant: str) -> tuple[Path, str | None]:

@@ -13,16 +13,16 @@ from app.ratelimit import RateLimiter
 from app.services import Services
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
 
-def get_tenant(
+async def get_tenant(
     request: Request,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> str:
-    services = get_services(request)
+    services: Services = request.app.state.services
     if services.auth is None:
         return services.settings.default_tenant
     try:
@@ -31,15 +31,18 @@ def get_tenant(
         raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"}) from exc
 
 
-def get_rate_limiter(request: Request) -> RateLimiter | None:
+async def get_rate_limiter(request: Request) -> RateLimiter | None:
     """The app's limiter, or None when both limits are off (then it costs nothing).
+
+    Async, like the other dependencies: FastAPI runs a sync dependency in its
+    thread pool, a hop per request for no work at all.
 
     Built on first use rather than at import or app creation: it needs the
     Redis client, which exists only once the lifespan has started the services.
     """
     state = request.app.state
     if not hasattr(state, "rate_limiter"):
-        services = get_services(request)
+        services: Services = request.app.state.services
         state.rate_limiter = RateLimiter.from_settings(
             services.settings, services.redis, services.metrics
         )

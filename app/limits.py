@@ -7,13 +7,19 @@ moment it passes the limit.
 
 from __future__ import annotations
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_response
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive()`` for a body that passes the limit while it streams
+    in. An HTTPException, so FastAPI's body parsing lets it through (it would turn
+    a plain exception into "invalid JSON")."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body is over the limit of {max_bytes} bytes")
 
 
 class BodySizeLimit:
@@ -42,7 +48,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_bytes)
             return message
 
         try:

@@ -22,7 +22,7 @@ from infra.embedded_redis import EmbeddedRedis, ensure_redis
 from infra.embeddings import Embedder, build_embedder, close_embedder
 from infra.llm import LLMClient, build_llm
 from infra.milvus import AsyncMilvus
-from infra.redis_client import RedisLike, create_redis
+from infra.redis_client import REDIS_ERRORS, RedisLike, create_redis, is_cluster
 from infra.settings import Settings
 from infra.tokenizer import build_tokenizer
 from memory.archiver import Archiver, CrashHook
@@ -33,6 +33,8 @@ from memory.l3_store import L3Store, L3Unavailable
 from memory.metrics import Metrics
 
 log = logging.getLogger("tiermem.services")
+
+_START_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError)
 
 
 class Services:
@@ -76,6 +78,14 @@ class Services:
         self.redis = create_redis(
             url, socket_timeout=s.redis_socket_timeout_s, max_connections=s.redis_max_connections
         )
+        if is_cluster(self.redis):
+            # redis-py's asyncio cluster client must learn the slot map before
+            # concurrent use (redis/redis-py#3032); if the cluster is down now,
+            # it retries on first use.
+            try:
+                await self.redis.initialize()
+            except _START_ERRORS as exc:
+                log.error("Redis Cluster not reachable at start: %s", exc)
         self.milvus = AsyncMilvus(s.resolved_milvus_uri, s.milvus_token, self.executor)
         if self.milvus.is_local:
             s.data_dir.mkdir(parents=True, exist_ok=True)

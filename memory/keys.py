@@ -17,6 +17,8 @@ Ids are validated before they get here (``validate_id``): no ``{``, ``}``, ``*``
 | ``tm:{t:s}:cpidx:<ns>`` | zset | checkpoint ids of a namespace (lex order) | session TTL |
 | ``tm:{t:s}:cpw:<ns>:<checkpoint_id>`` | hash | LangGraph pending writes | session TTL |
 | ``tm:{t:s}:cpns`` | set | checkpoint namespaces of the thread | session TTL |
+| ``tm:rl:{t}:turns`` | zset | turns a tenant started in the last 60 s | 61 s |
+| ``tm:rl:{t}:streams`` | zset | a tenant's running streams, by lease deadline | 2 x lease |
 """
 
 from __future__ import annotations

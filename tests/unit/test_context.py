@@ -436,7 +436,8 @@ def test_compaction_happens_only_over_budget_in_one_step(
             assert plan.prompt_tokens - notes + builder.turn_tokens(dropped[-1]) > target
             expected = builder.messages_for(summary, kept, message)
             assert plan.messages == expected
-            assert plan.messages[1] == ContextBuilder.summary_message(summary)
+            assert plan.messages[1:3] == ContextBuilder.summary_messages(summary)
+            assert plan.messages[1]["role"] == "user"
             assert plan.account.reason == "compaction"
             assert plan.account.first_diff_token is not None
             assert plan.account.expected_cacheable == blocks(plan.account.first_diff_token)
