@@ -367,8 +367,19 @@ class TurnNodes:
                 if conflicts > COMMIT_CONFLICT_RETRIES:
                     raise
                 fresh = await self._load_from_l2(session.tenant, session.session_id)
-                if fresh is not None:
-                    _refresh(session, fresh)
+                if fresh is None:
+                    # L2 lost the session (a Redis without persistence restarted,
+                    # a failover to a replica that had not synced): what it held
+                    # is gone, but the session goes on from an empty state rather
+                    # than failing forever against a version L2 no longer has.
+                    log.error("session vanished from L2; starting it again")
+                    self.d.metrics.errors.labels("session_vanished").inc()
+                    now = time.time()
+                    fresh = SessionState(
+                        tenant=session.tenant, session_id=session.session_id,
+                        user_id=session.user_id, created_at=now, updated_at=now,
+                    )  # fmt: skip
+                _refresh(session, fresh)
             except L2Error as exc:
                 # Redis down or restarting: keep trying until the deadline, so a
                 # short outage still completes the turn.
