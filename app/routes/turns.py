@@ -12,6 +12,8 @@ turn's task until the turn is committed.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -54,6 +56,25 @@ class TurnRequest(BaseModel):
     retrieve: Literal["auto", "always", "never"] = "auto"
 
 
+def _binding(tenant: str, session_id: str, nonce: str) -> str:
+    return hashlib.sha256(f"{tenant}\0{session_id}\0{nonce}".encode()).hexdigest()[:8]
+
+
+def issue_turn_id(tenant: str, session_id: str) -> str:
+    """A server-chosen turn id, bound to its tenant and session: a random part and
+    a hash of (tenant, session, that part). No secret is needed, since a client
+    that forges one can only name its own session; an id seen in another
+    session's stream does not verify here."""
+    nonce = uuid.uuid4().hex[:24]
+    return nonce + _binding(tenant, session_id, nonce)
+
+
+def issued_for(turn_id: str, tenant: str, session_id: str) -> bool:
+    return len(turn_id) == 32 and hmac.compare_digest(
+        turn_id[24:], _binding(tenant, session_id, turn_id[:24])
+    )
+
+
 def _turn_id_from_last_event(last_event_id: str) -> str:
     turn_id, sep, seq = last_event_id.rpartition(":")
     if not sep or not seq.isdigit():
@@ -88,13 +109,22 @@ async def post_turn(
             raise ApiError(
                 400, "turn_id_mismatch", "turn_id and Last-Event-ID name different turns"
             )
+        if turn_id is None and not issued_for(resumed, tenant, session_id):
+            # Not an id this service issued for this session, and the body does
+            # not claim it as the client's own: a foreign (or forged) event id.
+            raise ApiError(
+                409,
+                "foreign_last_event_id",
+                "Last-Event-ID names no turn of this session; to resume a turn whose "
+                "id you chose, send the same turn_id in the body",
+            )
         turn_id = resumed
     inp = TurnInput(
         tenant=tenant,
         session_id=session_id,
         user_id=body.user_id,
         message=body.message,
-        turn_id=turn_id or uuid.uuid4().hex,
+        turn_id=turn_id or issue_turn_id(tenant, session_id),
         retrieve=body.retrieve,
         client_turn_id=turn_id is not None,
     )

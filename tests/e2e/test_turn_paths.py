@@ -148,19 +148,33 @@ async def test_finished_turn_is_replayed_not_rerun(app: AppServer, fake_llm: Fak
         calls = len(fake_llm.chat_requests())
         again = await post_turn(c, app.url, session, "tell me once", turn_id="t-once")
         resumed = await post_turn(
+            c, app.url, session, "tell me once", turn_id="t-once",
+            headers={"Last-Event-ID": "t-once:3"},
+        )  # fmt: skip
+        # A server-issued id resumes by Last-Event-ID alone.
+        issued = await post_turn(c, app.url, session, "another one")
+        issued_id = issued.events[0].data["turn_id"]
+        by_header = await post_turn(
+            c, app.url, session, "another one", headers={"Last-Event-ID": f"{issued_id}:2"}
+        )
+        assert by_header.done["replayed"] is True and by_header.text == issued.text
+        # A client-chosen id alone in the header is not trusted as this session's.
+        alone = await post_turn(
             c, app.url, session, "tell me once", headers={"Last-Event-ID": "t-once:3"}
         )
+        assert alone.status_code == 409
+        assert alone.body["error"]["code"] == "foreign_last_event_id"
         bad = await post_turn(
             c, app.url, session, "tell me once", headers={"Last-Event-ID": "garbage"}
         )
-    assert len(fake_llm.chat_requests()) == calls
+    assert len(fake_llm.chat_requests()) == calls + 1  # only "another one" ran
     for r in (again, resumed):
         assert r.done["replayed"] is True and r.done["turn"] == 1
         assert r.text == first.text
     assert bad.status_code == 400 and bad.body["error"]["code"] == "invalid_last_event_id"
     async with httpx.AsyncClient(timeout=30) as c:
         state = (await c.get(f"{app.url}/v1/sessions/{session}")).json()
-    assert state["turn_count"] == 1
+    assert state["turn_count"] == 2
 
 
 async def test_event_ids_and_usage_with_prefix_cache(app: AppServer, fake_llm: FakeVLLM) -> None:

@@ -147,7 +147,10 @@ async def test_app_killed_mid_stream_retry_on_a_new_process(
         slow(False)
         async with httpx.AsyncClient(timeout=30) as c2:
             if seen and seen[-1].id:
+                # The client chose this turn's id, so it sends it back with the
+                # event id (README: Last-Event-ID alone is for server-issued ids).
                 r = await post_turn(c2, pods.url, session, message, retrieve="never",
+                                    turn_id=turn_id,
                                     headers={"Last-Event-ID": seen[-1].id})  # fmt: skip
             else:
                 r = await post_turn(c2, pods.url, session, message, retrieve="never",
