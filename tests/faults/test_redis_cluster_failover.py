@@ -42,7 +42,7 @@ def cluster(tmp_path: Path) -> Iterator[RedisClusterLauncher]:
     launcher = RedisClusterLauncher(tmp_path / "cluster", masters=3, replicas_per_master=1)
     launcher.start()
     yield launcher
-    launcher.stop(remove_files=True)
+    launcher.stop(remove_files=False)
 
 
 def pick_sessions(cluster: RedisClusterLauncher) -> tuple[ClusterNodeProcess, list[str], list[str]]:
@@ -170,21 +170,8 @@ async def test_master_killed_during_writes_reports_lost_turns_and_recovers(
                     for s in names
                 )
 
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 45
             while not await moved_on():
-                if time.monotonic() >= deadline:
-                    def dbg():
-                        import sys
-                        for n in cluster.nodes:
-                            if not n.alive: 
-                                print("DBG dead", n.port, n.index, file=sys.stderr); continue
-                            with n.client() as c:
-                                info = c.info("replication")
-                                metas = [c.exists(SessionKeys(TENANT, s).meta) for s in on_victim]
-                                print("DBG", lag, n.port, n.index, info.get("role"), info.get("master_repl_offset"), c.dbsize(), metas, file=sys.stderr)
-                        print("DBG victim", victim.port, "replica", replica.port, file=sys.stderr)
-                        print("DBGLOG", (replica.server.workdir / "redis.log").read_text()[-6000:], file=sys.stderr)
-                    await asyncio.to_thread(dbg)
                 assert time.monotonic() < deadline, (
                     "sessions did not go on after the failover",
                     {s: (s in on_victim, [a.code for a in workload.attempts[-300:]
