@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from memory.models import SessionState, Turn
 from memory.summaries import context_summary
 
 KV_BLOCK_TOKENS = 16
+# Summaries whose token count is kept (a few KB each at most).
+SUMMARY_COUNTS_KEPT = 1024
 
 BREAK_REASONS = ("system", "tools", "memory", "compaction", "history_rewrite", "route_change")
 
@@ -120,14 +124,51 @@ class PrefixAccount:
     reason: str | None  # why the prefix broke, one of BREAK_REASONS
 
 
+@dataclass(frozen=True)
+class _Previous:
+    """What the prefix accounting needs of the session as it was before the turn,
+    taken when the plan is made (the turn's commit changes the session later)."""
+
+    last_rendered: str | None
+    turn_count: int
+    prefix_version: str
+    context_summary: str
+    turns: tuple[Turn, ...]
+
+
 @dataclass
 class ContextPlan:
+    """The prompt of one turn.
+
+    ``messages`` (what the LLM gets), the token total and the compaction are
+    decided at once. The rendered ``prompt_text`` and the prefix ``account`` are
+    computed on first use: they cost a render of the whole prompt and a
+    tokenisation, which need not delay the LLM request, so the turn reads
+    them after the request has gone out (see ``graph.nodes.respond``).
+    """
+
     messages: list[dict[str, str]]
-    prompt_text: str
     prompt_tokens: int
     compaction: tuple[int, str] | None  # (new context_start, new context_summary)
-    account: PrefixAccount
     meta_updates: dict[str, str] = field(default_factory=dict)
+    _account_of: Callable[[ContextPlan], PrefixAccount] | None = field(default=None, repr=False)
+    _prompt_text: str | None = field(default=None, repr=False)
+    _account: PrefixAccount | None = field(default=None, repr=False)
+
+    @property
+    def prompt_text(self) -> str:
+        if self._prompt_text is None:
+            self._prompt_text = render_chat(self.messages, add_generation_prompt=True)
+        return self._prompt_text
+
+    @property
+    def account(self) -> PrefixAccount:
+        if self._account is None:
+            if self._account_of is None:
+                raise ValueError("this plan was made without prefix accounting")
+            self._account = self._account_of(self)
+            self._account_of = None
+        return self._account
 
 
 class ContextBuilder:
@@ -148,6 +189,10 @@ class ContextBuilder:
         self._prefix_message = {"role": "system", "content": prefix.render()}
         self._prefix_tokens = self._count_messages([self._prefix_message])
         self._gen_tokens = self.tokenizer.count(render_chat([], add_generation_prompt=True))
+        # Token counts of summaries, by their whole text (no key can collide):
+        # a session's live summary changes only at compaction, yet every turn
+        # needs its count.
+        self._summary_counts: OrderedDict[str, int] = OrderedDict()
 
     def _count_messages(self, messages: list[dict[str, str]]) -> int:
         return sum(self.tokenizer.count(render_chat([m])) for m in messages)
@@ -168,7 +213,17 @@ class ContextBuilder:
         return turn.n_tokens
 
     def _summary_tokens(self, summary: str) -> int:
-        return self._count_messages(self.summary_messages(summary)) if summary else 0
+        if not summary:
+            return 0
+        counts = self._summary_counts
+        n = counts.get(summary)
+        if n is None:
+            n = counts[summary] = self._count_messages(self.summary_messages(summary))
+            if len(counts) > SUMMARY_COUNTS_KEPT:
+                counts.popitem(last=False)
+        else:
+            counts.move_to_end(summary)
+        return n
 
     @staticmethod
     def summary_messages(summary: str) -> list[dict[str, str]]:
@@ -243,16 +298,23 @@ class ContextBuilder:
             new_start = turns[0].index if turns else next_index
             compaction = (new_start, summary)
         messages = self.messages_for(summary, turns, new_user)
-        prompt_text = render_chat(messages, add_generation_prompt=True)
-        account = self._account(state, prompt_text, total, compaction is not None)
         updates: dict[str, str] = {"prefix_version": self.prefix.version}
         if compaction is not None:
             updates["context_start"] = str(compaction[0])
             updates["context_summary"] = compaction[1]
-        return ContextPlan(messages, prompt_text, total, compaction, account, updates)
+        before = _Previous(
+            state.last_rendered, state.turn_count, state.prefix_version,
+            state.context_summary, tuple(state.turns),
+        )  # fmt: skip
+        compacted = compaction is not None
+
+        def account_of(plan: ContextPlan) -> PrefixAccount:
+            return self._account(before, plan.prompt_text, plan.prompt_tokens, compacted)
+
+        return ContextPlan(messages, total, compaction, updates, account_of)
 
     def _account(
-        self, state: SessionState, prompt_text: str, prompt_tokens: int, compacted: bool
+        self, state: _Previous, prompt_text: str, prompt_tokens: int, compacted: bool
     ) -> PrefixAccount:
         prev = state.last_rendered
         if prev is None:
@@ -260,7 +322,7 @@ class ContextBuilder:
             # context renders to, if this pod could not keep it in memory.
             if state.turn_count == 0:
                 return PrefixAccount(prompt_tokens, 0, 0, None)
-            prev = self.rendered_history(state)
+            prev = self._rendered(state.context_summary, list(state.turns))
         if prompt_text.startswith(prev):
             # Count only the new tail: the rest is a known, unchanged prefix.
             n = prompt_tokens - self.tokenizer.count(prompt_text[len(prev) :])
@@ -275,7 +337,7 @@ class ContextBuilder:
         return PrefixAccount(prompt_tokens, _blocks(min(tokens_before, prompt_tokens - 1)),
                              tokens_before, reason)  # fmt: skip
 
-    def _blame(self, state: SessionState, prompt_text: str, pos: int, compacted: bool) -> str:
+    def _blame(self, state: _Previous, prompt_text: str, pos: int, compacted: bool) -> str:
         old = state.prefix_version
         new = self.prefix.version
         if old and old != new:
@@ -289,10 +351,13 @@ class ContextBuilder:
 
     def rendered_history(self, state: SessionState) -> str:
         """The previous prompt + reply as this pod would have sent them."""
-        if not state.turns:
-            return render_chat(self.messages_for(state.context_summary, [], None))
-        *before, last = state.turns
-        msgs = self.messages_for(state.context_summary, before, None)
+        return self._rendered(state.context_summary, state.turns)
+
+    def _rendered(self, context_summary: str, turns: list[Turn]) -> str:
+        if not turns:
+            return render_chat(self.messages_for(context_summary, [], None))
+        *before, last = turns
+        msgs = self.messages_for(context_summary, before, None)
         msgs.append({"role": "user", "content": user_content(last.user, last.memories)})
         return render_chat(msgs, add_generation_prompt=True) + last.assistant
 
