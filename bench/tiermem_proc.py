@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import psutil
@@ -101,15 +101,17 @@ class RecordingRunner(TurnRunner):
         self.timed = timed
         self.records: list[dict[str, Any]] = []
 
-    async def stream(
+    async def run(
         self, inp: TurnInput, control: TurnControl, started: float | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> dict[str, Any]:
         started = time.perf_counter() if started is None else started
         key = f"{inp.tenant}:{inp.session_id}"
         l2 = self.deps.l2
         rec: dict[str, Any] = {"session": inp.session_id, "l1_hit": None, "status": None}
         rt0 = l2.round_trips
-        async for ev in super().stream(inp, control, started):
+        emit = control.emit
+
+        def watch(ev: dict[str, Any]) -> None:
             kind = ev.get("event")
             if kind == "meta":
                 rec["l1_hit"] = ev["data"].get("l1_hit")
@@ -120,7 +122,10 @@ class RecordingRunner(TurnRunner):
                 usage = ev["data"].get("usage") or {}
                 rec["prompt_tokens"] = usage.get("prompt_tokens")
                 rec["archived_batch"] = usage.get("archived_batch")
-            yield ev
+            emit(ev)
+
+        control.emit = watch
+        final = await super().run(inp, control, started)
         rec["t_end"] = time.perf_counter() - started
         w = self.timed.waits.pop(key, None) or _LLMWait()
         rec["llm_wait"] = w.wait
@@ -134,6 +139,7 @@ class RecordingRunner(TurnRunner):
         # Everything the service did for this turn except wait on the LLM.
         rec["own"] = rec["t_end"] - w.wait
         self.records.append(rec)
+        return final
 
 
 class BenchServices(Services):

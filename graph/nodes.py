@@ -4,8 +4,8 @@
 
 Each node is a method of ``TurnNodes``, which holds the collaborators (L1, L2,
 L3, LLM, context builder, archiver, metrics). Events for the client (``meta``,
-``memory``, ``token``, ``done``, ``error``) go out through LangGraph's stream
-writer as they happen.
+``memory``, ``token``, ``done``, ``error``) go out through the turn's
+``TurnControl.emit`` as they happen.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from langgraph.config import get_stream_writer
+from langgraph.types import Command
 
 from graph.guard import check_message, needs_memory
 from graph.state import TurnState
@@ -52,8 +52,8 @@ class TurnDeps:
     metrics: Metrics
 
 
-def _emit(event: str, data: dict[str, Any]) -> None:
-    get_stream_writer()({"event": event, "data": data})
+def _emit(state: TurnState, event: str, data: dict[str, Any]) -> None:
+    state["control"].emit({"event": event, "data": data})
 
 
 def _timed(state: TurnState, phase: str, started: float) -> dict[str, float]:
@@ -67,7 +67,7 @@ class TurnNodes:
         self.d = deps
 
     # --- load_state -------------------------------------------------------------
-    async def load_state(self, state: TurnState) -> dict[str, Any]:
+    async def load_state(self, state: TurnState) -> Command[Literal["input_guard", "__end__"]]:
         t0 = time.perf_counter()
         inp = state["input"]
         session = self.d.l1.get(inp.tenant, inp.session_id)
@@ -86,29 +86,32 @@ class TurnNodes:
         if inp.client_turn_id:
             stored = await self._stored_turn(inp.tenant, inp.session_id, inp.turn_id)
             if stored is not None and stored.status != "failed":
-                _replay(inp.turn_id, inp.session_id, stored)
-                return {"session": session, "l1_hit": hit, "replayed": True,
-                        "timings": _timed(state, "load", t0)}  # fmt: skip
+                _replay(state, inp.turn_id, inp.session_id, stored)
+                return Command(
+                    update={"session": session, "l1_hit": hit, "replayed": True,
+                            "timings": _timed(state, "load", t0)},
+                    goto="__end__",
+                )  # fmt: skip
             if stored is not None:
                 retry_of = stored.index
         _emit(
+            state,
             "meta",
             {"turn_id": inp.turn_id, "session_id": inp.session_id,
              "turn": retry_of or session.turn_count + 1, "l1_hit": hit,
              "dev_llm": self.d.llm.is_dev},
         )  # fmt: skip
-        return {"session": session, "l1_hit": hit, "retry_of": retry_of,
-                "timings": _timed(state, "load", t0)}  # fmt: skip
+        return Command(
+            update={"session": session, "l1_hit": hit, "retry_of": retry_of,
+                    "timings": _timed(state, "load", t0)},
+            goto="input_guard",
+        )  # fmt: skip
 
     async def _stored_turn(self, tenant: str, session_id: str, turn_id: str) -> Turn | None:
         try:
             return await self.d.l2.committed_turn(tenant, session_id, turn_id)
         except L2Error as exc:
             raise StorageUnavailable(str(exc)) from exc
-
-    @staticmethod
-    async def route_after_load(state: TurnState) -> str:
-        return "__end__" if state.get("replayed") else "input_guard"
 
     async def _load_from_l2(self, tenant: str, session_id: str) -> SessionState | None:
         try:
@@ -117,16 +120,15 @@ class TurnNodes:
             raise StorageUnavailable(str(exc)) from exc
 
     # --- input_guard --------------------------------------------------------------
-    async def input_guard(self, state: TurnState) -> dict[str, Any]:
+    async def input_guard(self, state: TurnState) -> Command[Literal["retrieve", "respond"]]:
         t0 = time.perf_counter()
         inp = state["input"]
         check_message(inp.message, self.d.settings.max_message_chars)
         need = needs_memory(inp.message, inp.retrieve)
-        return {"need_memory": need, "timings": _timed(state, "guard", t0)}
-
-    @staticmethod
-    async def route_after_guard(state: TurnState) -> str:
-        return "retrieve" if state.get("need_memory") else "respond"
+        return Command(
+            update={"need_memory": need, "timings": _timed(state, "guard", t0)},
+            goto="retrieve" if need else "respond",
+        )
 
     # --- retrieve ---------------------------------------------------------------------
     async def retrieve(self, state: TurnState) -> dict[str, Any]:
@@ -166,7 +168,7 @@ class TurnNodes:
         self.d.metrics.retrievals.labels(source).inc()
         block = render_memories(hits) if hits else None
         if hits:
-            _emit("memory", {"source": source, "memories": hits})
+            _emit(state, "memory", {"source": source, "memories": hits})
         return {"memories": hits, "memory_block": block, "timings": _timed(state, "retrieve", t0)}
 
     # --- respond ------------------------------------------------------------------------
@@ -182,7 +184,7 @@ class TurnNodes:
         got: dict[str, Any] = {"done": None, "ttft_ms": None}
         error: dict[str, Any] | None = None
         status = "complete"
-        writer = get_stream_writer()
+        emit = control.emit
         metrics = self.d.metrics
         started = state["started"]
 
@@ -196,7 +198,7 @@ class TurnNodes:
                             got["ttft_ms"] = first_s * 1000
                             metrics.ttft_seconds.observe(first_s)
                         pieces.append(ev.text)
-                        writer({"event": "token", "data": {"text": ev.text}})
+                        emit({"event": "token", "data": {"text": ev.text}})
                     elif isinstance(ev, LLMDone):
                         got["done"] = ev
             finally:
@@ -247,7 +249,7 @@ class TurnNodes:
         }
 
     # --- commit ---------------------------------------------------------------------------
-    async def commit(self, state: TurnState) -> dict[str, Any]:
+    async def commit(self, state: TurnState) -> Command[Literal["archive", "__end__"]]:
         t0 = time.perf_counter()
         inp = state["input"]
         session = state["session"]
@@ -284,10 +286,13 @@ class TurnNodes:
             # Another pod stored this turn_id while we generated: keep theirs
             # (at most once), tell the client which turn it is.
             self.d.l1.drop(inp.tenant, inp.session_id)
-            _emit("done", {"turn_id": inp.turn_id, "turn": dup.index, "status": "duplicate",
-                           "usage": usage})  # fmt: skip
-            return {"committed": turn, "archive_batch": None,
-                    "timings": _timed(state, "commit", t0)}  # fmt: skip
+            _emit(state, "done", {"turn_id": inp.turn_id, "turn": dup.index,
+                                  "status": "duplicate", "usage": usage})  # fmt: skip
+            return Command(
+                update={"committed": turn, "archive_batch": None,
+                        "timings": _timed(state, "commit", t0)},
+                goto="__end__",
+            )  # fmt: skip
         # Apply the committed turn to L1.
         replaced = bool(session.turns and session.turns[-1].index == turn.index)
         if replaced:
@@ -330,14 +335,17 @@ class TurnNodes:
             payload["retry"] = True
         if status == "interrupted" and state["control"].reason:
             payload["interrupted_by"] = state["control"].reason
-        _emit(event, payload)
+        _emit(state, event, payload)
         self.d.metrics.turns.labels(status).inc()
-        return {
-            "committed": turn,
-            "version": version,
-            "archive_batch": archive_batch,
-            "timings": _timed(state, "commit", t0),
-        }
+        return Command(
+            update={
+                "committed": turn,
+                "version": version,
+                "archive_batch": archive_batch,
+                "timings": _timed(state, "commit", t0),
+            },
+            goto="archive" if archive_batch else "__end__",
+        )
 
     async def _commit_with_retry(
         self, session: SessionState, turn: Turn, meta: dict[str, str], retry_of: int | None
@@ -399,10 +407,6 @@ class TurnNodes:
         if reason:
             m.prefix_breaks.labels(reason).inc()
 
-    @staticmethod
-    async def route_after_commit(state: TurnState) -> str:
-        return "archive" if state.get("archive_batch") else "__end__"
-
     # --- archive --------------------------------------------------------------------------
     async def archive(self, state: TurnState) -> dict[str, Any]:
         # Off the critical path: `done` has gone out already; the batch is cut,
@@ -412,16 +416,16 @@ class TurnNodes:
         return {}
 
 
-def _replay(turn_id: str, session_id: str, turn: Turn) -> None:
+def _replay(state: TurnState, turn_id: str, session_id: str, turn: Turn) -> None:
     """A finished turn asked for again (a retry, or Last-Event-ID): sent whole
     from L2, without the LLM and without writing anything."""
-    _emit("meta", {"turn_id": turn_id, "session_id": session_id, "turn": turn.index,
-                   "replayed": True})  # fmt: skip
+    _emit(state, "meta", {"turn_id": turn_id, "session_id": session_id, "turn": turn.index,
+                          "replayed": True})  # fmt: skip
     if turn.memories:
-        _emit("memory", {"source": "replay", "block": turn.memories})
-    _emit("token", {"text": turn.assistant})
-    _emit("done", {"turn_id": turn_id, "turn": turn.index, "status": turn.status,
-                   "replayed": True, "usage": turn.usage or {}})  # fmt: skip
+        _emit(state, "memory", {"source": "replay", "block": turn.memories})
+    _emit(state, "token", {"text": turn.assistant})
+    _emit(state, "done", {"turn_id": turn_id, "turn": turn.index, "status": turn.status,
+                          "replayed": True, "usage": turn.usage or {}})  # fmt: skip
 
 
 def session_key(inp: Any) -> str:

@@ -8,18 +8,28 @@ with the conversation.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
 from memory.context import ContextPlan
 from memory.models import SessionState, Turn, TurnStatus
 
+ClientEvent = dict[str, Any]
+
 
 @dataclass(eq=False)
 class TurnControl:
-    """Lets the app stop a turn's generation (client gone, drain deadline) while
-    the graph still commits what was generated."""
+    """The turn's line to its client, and the app's hand on it.
 
+    ``emit`` takes each client event (``{"event": ..., "data": {...}}``) the
+    moment a node has it: a direct call, not LangGraph's stream, whose queue
+    and per-chunk wake-ups would sit between every token and the client.
+    ``stop`` lets the app end a turn's generation (client gone, drain deadline)
+    while the graph still commits what was generated.
+    """
+
+    emit: Callable[[ClientEvent], None]
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str | None = None
 
@@ -64,4 +74,17 @@ class TurnState(TypedDict, total=False):
     committed: Turn
     version: int
     archive_batch: str | None
+    timings: dict[str, float]
+
+
+class TurnOutput(TypedDict, total=False):
+    """What a run returns: what the runner and its callers read after the turn.
+    (LangGraph reads the output channels after every step, so fewer is cheaper.)"""
+
+    session: SessionState
+    status: TurnStatus
+    committed: Turn
+    version: int
+    archive_batch: str | None
+    replayed: bool
     timings: dict[str, float]

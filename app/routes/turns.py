@@ -157,8 +157,8 @@ async def _admit(limiter: RateLimiter | None, tenant: str) -> StreamLease | None
 async def _stream(
     services: Services, inp: TurnInput, started: float, lease: StreamLease | None = None
 ) -> AsyncIterator[bytes]:
-    control = TurnControl()
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    control = TurnControl(emit=queue.put_nowait)
     services.controls.add(control)
     if lease is not None:
         lease.claim()
@@ -207,8 +207,7 @@ async def _produce(
     started: float,
 ) -> None:
     try:
-        async for event in services.runner.stream(inp, control, started):
-            queue.put_nowait(event)
+        await services.runner.run(inp, control, started)
     except InputRejected as exc:
         queue.put_nowait(_error(exc.code, exc.message, retryable=False))
     except StorageUnavailable as exc:
