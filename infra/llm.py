@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import httpx
+import orjson
 
 from infra.routing import NoReplicas, Pick, RendezvousRouter, Router
 from infra.settings import Settings
@@ -373,11 +374,14 @@ class OpenAICompatibleLLM:
             try:
                 async with asyncio.timeout_at(first_deadline):
                     model = await self._model_for(replica)
+                    # orjson, not httpx's json= (the standard library's encoder):
+                    # the body is the whole prompt, encoded on the way to TTFT.
                     request = self._http.build_request(
                         "POST",
                         f"{replica}/chat/completions",
-                        json=self._request_body(model, messages, max_tokens),
+                        content=orjson.dumps(self._request_body(model, messages, max_tokens)),
                         headers={
+                            "Content-Type": "application/json",
                             "X-Session-ID": session_key,
                             "Accept": "text/event-stream",
                             **self._auth_headers(),
@@ -525,7 +529,7 @@ def _sse_data(line: str) -> str | None:
 
 def _parse_chunk(payload: str, replica: str, emitted: bool) -> dict[str, Any]:
     try:
-        chunk = json.loads(payload)
+        chunk = orjson.loads(payload)
     except ValueError:
         raise LLMError(
             "protocol",
