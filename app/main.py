@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,6 +22,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await services.start()
+        # What start-up built (modules, the tokenizer, clients: some 200k
+        # objects) lives as long as the process: keep it out of the collector,
+        # or every full collection walks it again on the event loop (about
+        # 90 ms each, seen as the p99 of TTFT).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
