@@ -174,8 +174,13 @@ async def test_master_killed_during_writes_reports_lost_turns_and_recovers(
             while not await moved_on():
                 assert time.monotonic() < deadline, (
                     "sessions did not go on after the failover",
-                    {s: (s in on_victim, [a.code for a in workload.attempts[-300:]
-                                           if a.session == s][-3:]) for s in names},
+                    {
+                        s: (
+                            s in on_victim,
+                            [a.code for a in workload.attempts[-300:] if a.session == s][-3:],
+                        )
+                        for s in names
+                    },
                 )
                 await asyncio.sleep(0.1)
         # Not cluster.url: that names the first node, which may be the dead one.

@@ -179,7 +179,10 @@ async def test_clients_leave_mid_stream(
     deadline = time.monotonic() + CANCEL_WITHIN_S + 2.0
     while True:
         reqs = slow_llm.chat_requests()
-        if all(r.disconnected_at is not None for r in reqs) or time.monotonic() > deadline:
+        # Both marks: the fake LLM notes the disconnect first and the end of its
+        # handler a moment later, after cancelling its producer.
+        settled = all(r.disconnected_at is not None and r.finished_at is not None for r in reqs)
+        if settled or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.05)
     for req in slow_llm.chat_requests():
