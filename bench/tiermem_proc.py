@@ -109,6 +109,7 @@ class RecordingRunner(TurnRunner):
         l2 = self.deps.l2
         rec: dict[str, Any] = {"session": inp.session_id, "l1_hit": None, "status": None}
         rt0 = l2.round_trips
+        rec["t_run"] = time.perf_counter() - started
         emit = control.emit
 
         def watch(ev: dict[str, Any]) -> None:

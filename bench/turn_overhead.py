@@ -256,6 +256,7 @@ def level_result(
                 "l3_writes": s1["l3_writes"] - s0["l3_writes"],
                 "own_hit": summary(r["own"] for r in records if r["l1_hit"]),
                 "own_miss": summary(r["own"] for r in records if r["l1_hit"] is False),
+                "pre_llm_parts": pre_llm_parts(records),
             }
         )
     return out
@@ -485,6 +486,26 @@ def figures_summary(fig: dict[str, Any], threshold: int, matched: int) -> dict[s
 # --------------------------------------------------------------------------------------
 
 
+def pre_llm_parts(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Route entry to the LLM call, in parts: the app (route, response start, turn
+    task) up to the graph run; the nodes' own work before respond (load, guard,
+    retrieve) and the prompt plan, as the graph times them; and what is left of
+    the run up to the LLM call: LangGraph's step machinery (and respond's few
+    lines before its plan)."""
+    app, nodes, plan, graph = [], [], [], []
+    for r in records:
+        t = r.get("timings") or {}
+        if r.get("t_llm_request") is None or "t_run" not in r or "plan" not in t:
+            continue
+        own_nodes = t.get("load", 0.0) + t.get("guard", 0.0) + t.get("retrieve", 0.0)
+        app.append(r["t_run"])
+        nodes.append(own_nodes)
+        plan.append(t["plan"])
+        graph.append(r["t_llm_request"] - r["t_run"] - own_nodes - t["plan"])
+    return {"app": summary(app), "nodes": summary(nodes), "plan": summary(plan),
+            "graph": summary(graph)}  # fmt: skip
+
+
 def tables(levels: list[dict[str, Any]], fig: dict[str, Any] | None, args: argparse.Namespace
            ) -> list[Table]:  # fmt: skip
     out = []
@@ -556,6 +577,31 @@ def tables(levels: list[dict[str, Any]], fig: dict[str, Any] | None, args: argpa
         f"{args.threshold} turns). RSS growth of the server process over the level, per "
         "session (not shown for one session: lazy start-up allocations swamp it); L1 bytes is "
         "L1's own estimate. Misses are each session's first turn."
+    )
+    out.append(t)
+
+    t = Table(
+        "tiermem: route entry to the LLM call, median ms",
+        ["sessions", "app: route to graph run", "LangGraph steps", "nodes: load + guard",
+         "prompt plan", "before LLM (whole)", "bare relay before LLM"],
+    )  # fmt: skip
+    for r in levels:
+        parts = r.get("pre_llm_parts")
+        if r["kind"] != "tiermem" or not parts:
+            continue
+        bare = by.get(("bare", r["sessions"]))
+        t.rows.append([
+            str(r["sessions"]), ms(parts["app"]["median"], 3), ms(parts["graph"]["median"], 3),
+            ms(parts["nodes"]["median"], 3), ms(parts["plan"]["median"], 3),
+            ms(r["pre_llm"]["median"], 3), ms(bare["pre_llm"]["median"], 3) if bare else "–",
+        ])  # fmt: skip
+    t.note = (
+        "App: route entry (after FastAPI parsed the body) to the graph run (response start, "
+        "turn task). LangGraph steps: the rest of the run up to the LLM call once the nodes' "
+        "own work (load, guard, retrieve) and the prompt plan are taken out: LangGraph's "
+        "per-run and per-step machinery. Medians of parts need not add up to the median of "
+        "the whole. The LLM client's own work after the call (building and sending the "
+        "request) is in TTFT overhead, not here, for both servers."
     )
     out.append(t)
 

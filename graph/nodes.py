@@ -180,6 +180,7 @@ class TurnNodes:
         plan = self.d.context.plan(
             session, inp.message, state.get("memory_block"), exclude_turn=state.get("retry_of")
         )
+        plan_s = time.perf_counter() - t0
         pieces: list[str] = []
         got: dict[str, Any] = {"done": None, "ttft_ms": None}
         error: dict[str, Any] | None = None
@@ -245,7 +246,9 @@ class TurnNodes:
             "ttft_ms": ttft_ms,
             "replica": done.replica if done else None,
             "route_moved": bool(done and done.moved),
-            "timings": _timed(state, "respond", t0),
+            # "plan" (building the prompt) is a part of "respond" the service
+            # itself spends, so it counts as overhead; the rest is the LLM's.
+            "timings": {**_timed(state, "respond", t0), "plan": plan_s},
         }
 
     # --- commit ---------------------------------------------------------------------------

@@ -37,7 +37,8 @@ class Metrics:
         )
         self.phase_seconds = Histogram(
             "tiermem_phase_seconds",
-            "Time per turn phase (load, guard, retrieve, respond, commit, archive)",
+            "Time per turn phase (load, guard, retrieve, respond, commit, archive; "
+            "plan, building the prompt, is the part of respond before the LLM call)",
             ["phase"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -50,7 +51,7 @@ class Metrics:
         )
         self.overhead_seconds = Histogram(
             "tiermem_overhead_seconds",
-            "Service time per turn outside the LLM (load, guard, retrieve, commit)",
+            "Service time per turn outside the LLM (load, guard, retrieve, plan, commit)",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

@@ -43,3 +43,7 @@ async def test_metrics_after_turns(tmp_path: Path, redis_url: str) -> None:
     assert m[("tiermem_l1_lookups_total", (("result", "hit"),))] == 2
     assert m[("tiermem_l1_lookups_total", (("result", "miss"),))] == 1
     assert m[("tiermem_phase_seconds_count", (("phase", "commit"),))] == 3
+    # Building the prompt is timed on its own, inside respond.
+    plan_s = m[("tiermem_phase_seconds_sum", (("phase", "plan"),))]
+    assert m[("tiermem_phase_seconds_count", (("phase", "plan"),))] == 3
+    assert 0 < plan_s < m[("tiermem_phase_seconds_sum", (("phase", "respond"),))]
