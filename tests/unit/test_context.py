@@ -522,3 +522,62 @@ def test_turn_token_counts_are_not_shared_between_sessions(
     builder.plan(short, "next", None)
     plan = builder.plan(long, "next", None)
     assert plan.prompt_tokens == tok.count(plan.prompt_text)
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting how many texts it was asked to count."""
+
+    def __init__(self, inner: Tokenizer) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.counted: list[str] = []
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text)
+
+    def count(self, text: str) -> int:
+        self.counted.append(text)
+        return self.inner.count(text)
+
+
+@pytest.mark.parametrize("l1_miss", [False, True])
+def test_the_account_is_of_the_session_as_it_was_when_planned(
+    builder: ContextBuilder, l1_miss: bool
+) -> None:
+    """The account is computed on first use (after the LLM request has gone out):
+    it must not see what the turn's commit changed meanwhile."""
+    state = new_state()
+    play(builder, state, EXCHANGES[:3])
+    if l1_miss:
+        state = l2_reload(state)
+    twin = copy.deepcopy(state)
+    message, reply = EXCHANGES[3]
+    plan = builder.plan(state, message, None)
+    commit(state, plan, message, reply)  # the session moves on before the account is read
+    expected = builder.plan(twin, message, None).account
+    assert plan.account == expected
+    assert plan.account.reason is None
+    assert plan.account.expected_cacheable > 0
+
+
+def test_a_summary_is_tokenised_once_across_turns(prefix: StablePrefix, tok: Tokenizer) -> None:
+    counting = CountingTokenizer(tok)
+    builder = ContextBuilder(prefix, counting, budget_tokens=100_000)
+    state = new_state()
+    state.context_summary = "The user ordered B-1042 on 3 May and asked for a refund."
+    summary_msg = builder.summary_messages(state.context_summary)[0]["content"]
+    for message, reply in EXCHANGES[:4]:
+        plan = builder.plan(state, message, None)
+        commit(state, plan, message, reply)
+    assert sum(summary_msg in text for text in counting.counted) == 1
+    # The same text from another session (or reloaded from L2) is the same count.
+    other = new_state("s2")
+    other.context_summary = "".join(list(state.context_summary))
+    builder.plan(other, "hello", None)
+    assert sum(summary_msg in text for text in counting.counted) == 1
+    # A different summary is counted, and right.
+    other.context_summary += " Later: a refund was granted."
+    plan = builder.plan(other, "hello", None)
+    new_msg = builder.summary_messages(other.context_summary)[0]["content"]
+    assert sum(new_msg in text for text in counting.counted) == 1
+    assert plan.prompt_tokens == tok.count(plan.prompt_text)
