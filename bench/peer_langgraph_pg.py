@@ -340,6 +340,7 @@ async def build_tiermem_session(
             index=i, turn_id=uuid.uuid4().hex, user=msg, assistant=reply,
             created_at=time.time(), usage={"prompt_tokens": plan.prompt_tokens},
         )  # fmt: skip
+        context.turn_tokens(turn)  # stored with the turn, as the commit node does
         meta = dict(plan.meta_updates)
         meta["updated_at"] = repr(turn.created_at)
         meta["user_id"] = "bench-user"
@@ -593,8 +594,8 @@ def tables(result: dict[str, Any], args: argparse.Namespace) -> list[Table]:
             f"context builder plans it, a batch archived every {args.threshold} turns); loaded "
             f"{args.cold_reps}× with L2Store.load + L1Pool.put, and "
             f"{args.cold_service_reps}× through the service (release, then a turn: its load "
-            "phase, and all it did before the LLM request, which includes counting the tokens "
-            "of the live context again). Peer: a thread of N turns written with one "
+            "phase, and all it did before the LLM request; turns carry their stored token "
+            "counts, the live summary is counted once). Peer: a thread of N turns written with one "
             "aupdate_state, loaded with "
             f"AsyncPostgresSaver.aget_tuple {args.cold_reps}×."
         )
