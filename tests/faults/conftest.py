@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 import uuid
 from collections import Counter
@@ -34,6 +33,7 @@ import pytest
 from infra.redis_client import RedisLike
 from memory.keys import SessionKeys
 from memory.models import Turn
+from tests.fault_report import report_fault
 from tests.harness import parse_sse
 from tests.servers.fake_vllm import FakeVLLM
 from tests.servers.redis_server import RedisServer
@@ -342,40 +342,8 @@ ReportFn = Callable[..., dict[str, Any]]
 @pytest.fixture
 def fault_report() -> ReportFn:
     """``report(fault=..., injected=..., acknowledged=..., lost=..., duplicated=...,
-    recover_s=..., **extra)``: prints one line of figures (visible with -s) and
-    appends it as a JSON line to ``$TIERMEM_FAULT_REPORT`` when that is set.
-
-    ``recover_s``: from the moment the fault ends (Redis restarted, resumed, given
-    memory back; for a kill without restart, from the kill) to the first turn
-    acknowledged after it."""
-
-    def report(
-        *,
-        fault: str,
-        injected: int,
-        acknowledged: int,
-        lost: int,
-        duplicated: int,
-        recover_s: float | None,
-        **extra: Any,
-    ) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "fault": fault,
-            "injected": injected,
-            "acknowledged": acknowledged,
-            "lost": lost,
-            "duplicated": duplicated,
-            "recover_s": None if recover_s is None else round(recover_s, 3),
-            **extra,
-        }
-        print("FAULT " + " ".join(f"{k}={v}" for k, v in row.items()))
-        path = os.environ.get("TIERMEM_FAULT_REPORT")
-        if path:
-            with Path(path).open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row, default=str) + "\n")
-        return row
-
-    return report
+    recover_s=..., **extra)``: see ``tests.fault_report.report_fault``."""
+    return report_fault
 
 
 # --- servers to break -----------------------------------------------------------------

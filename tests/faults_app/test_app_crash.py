@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 
 from memory.keys import SessionKeys
 from memory.models import Turn
-from tests.faults_app import report_fault
+from tests.fault_report import report_fault
 from tests.harness import ServeProcess, SSEEvent, TurnResult, parse_sse, post_turn
 from tests.servers.fake_vllm import FakeVLLM
 

@@ -44,7 +44,7 @@ from memory.keys import SessionKeys
 from memory.l2_store import BatchRecord
 from memory.l3_store import L3Store, MemoryRecord, batch_id_for
 from memory.models import SessionState
-from tests.faults_app import report_fault
+from tests.fault_report import report_fault
 from tests.harness import AppServer, TurnResult, make_settings, post_turn
 from tests.servers.fake_vllm import FakeVLLM
 from tests.servers.redis_server import RedisServer, free_port
