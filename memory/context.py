@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -150,25 +150,16 @@ class ContextPlan:
     messages: list[dict[str, str]]
     prompt_tokens: int
     compaction: tuple[int, str] | None  # (new context_start, new context_summary)
-    meta_updates: dict[str, str] = field(default_factory=dict)
-    _account_of: Callable[[ContextPlan], PrefixAccount] | None = field(default=None, repr=False)
-    _prompt_text: str | None = field(default=None, repr=False)
-    _account: PrefixAccount | None = field(default=None, repr=False)
+    meta_updates: dict[str, str]
+    _account_of: Callable[[ContextPlan], PrefixAccount] = field(repr=False)
 
-    @property
+    @cached_property
     def prompt_text(self) -> str:
-        if self._prompt_text is None:
-            self._prompt_text = render_chat(self.messages, add_generation_prompt=True)
-        return self._prompt_text
+        return render_chat(self.messages, add_generation_prompt=True)
 
-    @property
+    @cached_property
     def account(self) -> PrefixAccount:
-        if self._account is None:
-            if self._account_of is None:
-                raise ValueError("this plan was made without prefix accounting")
-            self._account = self._account_of(self)
-            self._account_of = None
-        return self._account
+        return self._account_of(self)
 
 
 class ContextBuilder:
@@ -192,7 +183,7 @@ class ContextBuilder:
         # Token counts of summaries, by their whole text (no key can collide):
         # a session's live summary changes only at compaction, yet every turn
         # needs its count.
-        self._summary_counts: OrderedDict[str, int] = OrderedDict()
+        self._summary_count = lru_cache(maxsize=SUMMARY_COUNTS_KEPT)(self._count_summary)
 
     def _count_messages(self, messages: list[dict[str, str]]) -> int:
         return sum(self.tokenizer.count(render_chat([m])) for m in messages)
@@ -213,17 +204,10 @@ class ContextBuilder:
         return turn.n_tokens
 
     def _summary_tokens(self, summary: str) -> int:
-        if not summary:
-            return 0
-        counts = self._summary_counts
-        n = counts.get(summary)
-        if n is None:
-            n = counts[summary] = self._count_messages(self.summary_messages(summary))
-            if len(counts) > SUMMARY_COUNTS_KEPT:
-                counts.popitem(last=False)
-        else:
-            counts.move_to_end(summary)
-        return n
+        return self._summary_count(summary) if summary else 0
+
+    def _count_summary(self, summary: str) -> int:
+        return self._count_messages(self.summary_messages(summary))
 
     @staticmethod
     def summary_messages(summary: str) -> list[dict[str, str]]:
@@ -322,7 +306,7 @@ class ContextBuilder:
             # context renders to, if this pod could not keep it in memory.
             if state.turn_count == 0:
                 return PrefixAccount(prompt_tokens, 0, 0, None)
-            prev = self._rendered(state.context_summary, list(state.turns))
+            prev = self._rendered(state.context_summary, state.turns)
         if prompt_text.startswith(prev):
             # Count only the new tail: the rest is a known, unchanged prefix.
             n = prompt_tokens - self.tokenizer.count(prompt_text[len(prev) :])
@@ -353,7 +337,7 @@ class ContextBuilder:
         """The previous prompt + reply as this pod would have sent them."""
         return self._rendered(state.context_summary, state.turns)
 
-    def _rendered(self, context_summary: str, turns: list[Turn]) -> str:
+    def _rendered(self, context_summary: str, turns: Sequence[Turn]) -> str:
         if not turns:
             return render_chat(self.messages_for(context_summary, [], None))
         *before, last = turns
