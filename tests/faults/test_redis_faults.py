@@ -288,8 +288,10 @@ async def test_stalled_redis_bounds_every_request_and_loses_nothing(
         # ended with storage_unavailable: the retry found them stored.
         assert late, attempt_rows(in_flight)
     else:
-        # Bytes that fell into the black hole never ran.
-        assert not late, late
+        # Bytes that fell into the black hole never ran. A commit already on its way
+        # when the black hole opened can have run with only its reply lost: a turn
+        # found stored on retry must have been in flight at that moment.
+        assert set(late) <= {a.turn_id for a in in_flight}, (late, attempt_rows(in_flight))
     fault_report(
         fault=f"redis_stall_10s_{kind}", injected=1, acknowledged=result.acknowledged,
         lost=len(result.lost), duplicated=len(result.duplicated),
