@@ -13,7 +13,9 @@ That is the property vLLM's prefix cache rewards.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -25,13 +27,29 @@ def render_message(role: str, content: str) -> str:
     return f"{IM_START}{role}\n{content}{IM_END}\n"
 
 
-def render_chat(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:
-    """The prompt text of ``messages`` (each a mapping with ``role`` and ``content``).
+def _content(m: Mapping[str, Any]) -> str:
+    """A message's text, with an assistant's tool calls as Hermes-style
+    ``<tool_call>`` blocks (the form Qwen and SmolLM templates give them)."""
+    text = str(m.get("content") or "")
+    for call in m.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        body = json.dumps(
+            {"name": fn.get("name"), "arguments": fn.get("arguments")},
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        text += f"\n<tool_call>\n{body}\n</tool_call>"
+    return text
+
+
+def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
+    """The prompt text of ``messages`` (OpenAI-format mappings: ``role``,
+    ``content``, and an assistant's ``tool_calls``).
 
     With ``add_generation_prompt`` the text ends with the opening of the
     assistant's reply, which is what a model continues from.
     """
-    parts = [render_message(m["role"], m.get("content") or "") for m in messages]
+    parts = [render_message(m["role"], _content(m)) for m in messages]
     if add_generation_prompt:
         parts.append(GENERATION_PROMPT)
     return "".join(parts)

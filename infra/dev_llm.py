@@ -1,23 +1,53 @@
 """The offline development LLM: what ``tiermem serve`` talks to when no LLM is configured.
 
 It needs no network and no model. Replies are deterministic, say plainly that
-they come from tiermem's offline development model and not a real LLM, and
-are derived from the last user message (quoted, counted, numbered), so tests
-and demos can tell turns apart. Asked for a summary (``SUMMARIZE_SYSTEM_PROMPT``
-as the system message) it returns an extractive summary: the first sentence
-of each line of the conversation, capped. Usage counts come from the
-tokenizer; ``cached_tokens`` is None because nothing is cached.
+they come from tiermem's offline development model and not a real LLM
+(``DEV_MARKER``), and are derived from the last user message (quoted, counted,
+numbered), so tests and demos can tell turns apart. Its rules:
+
+- Summaries: a request whose first system message asks to summarise
+  (``summarise``/``summarize``, any case) and that offers no tools gets an
+  extractive summary of the other messages: the first sentence of each line,
+  capped. The rule is on the request, not on one prompt's wording, so whoever
+  owns the summary prompt may reword it.
+- Tools: it calls a tool only when made to. With ``tool_choice`` "required"
+  it calls the first tool offered, with a named function that one: one call,
+  no text, finish_reason "tool_calls", arguments built from the function's
+  JSON schema (each required field: the last user message for a string,
+  else the first ``enum`` value, ``default``, or the type's zero; nested
+  objects alike). With "auto", "none" or no choice it answers in text, and
+  quotes the last tool result it was given after the last user message.
+- ``temperature`` is accepted and ignored: replies are deterministic.
+
+Usage counts come from the tokenizer over ``render_prompt`` (``render_chat``,
+which renders tool calls, plus the tool definitions), so a prompt that
+carries tools or calls counts them. ``cached_tokens`` is None because nothing
+is cached.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any
 
-from infra.chat_template import render_chat
-from infra.llm import SUMMARIZE_SYSTEM_PROMPT, LLMDone, LLMEvent, LLMToken, LLMUsage, collect
+import orjson
+
+from infra.chat_template import IM_END, IM_START, render_chat
+from infra.llm import (
+    ChatMessage,
+    LLMBase,
+    LLMDone,
+    LLMEvent,
+    LLMToken,
+    LLMUsage,
+    ToolCall,
+    ToolChoice,
+    tool_name,
+)
 from infra.tokenizer import Tokenizer, default_tokenizer
 
 log = logging.getLogger(__name__)
@@ -25,6 +55,7 @@ log = logging.getLogger(__name__)
 DEV_MARKER = "[tiermem offline development model, not a real LLM]"
 REPLICA = "offline-dev"
 
+_SUMMARY_REQUEST = re.compile(r"summari[sz]e", re.IGNORECASE)
 _PIECE = re.compile(r"\s*\S+")
 _FIRST_SENTENCE = re.compile(r"^(.+?[.!?])(?=\s|$)")
 _QUOTE_CHARS = 160
@@ -32,9 +63,10 @@ _SENTENCE_CHARS = 200
 _SUMMARY_CHARS = 1500
 # Tokenising a long prompt is CPU work; past this size it goes to a thread.
 _INLINE_TOKENIZE_CHARS = 8192
+_ZERO: dict[str, Any] = {"integer": 0, "number": 0, "boolean": False, "array": [], "null": None}
 
 
-class OfflineDevLLM:
+class OfflineDevLLM(LLMBase):
     """A deterministic stand-in for an LLM, for development without a GPU."""
 
     name = "offline-dev"
@@ -57,16 +89,36 @@ class OfflineDevLLM:
         )
 
     async def stream_chat(
-        self, messages: list[dict[str, str]], *, session_key: str, max_tokens: int | None = None
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        session_key: str,
+        max_tokens: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: ToolChoice | None = None,
+        temperature: float | None = None,
     ) -> AsyncGenerator[LLMEvent, None]:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        choice = self._tool_choice(tools, tool_choice)
         limit = max_tokens or self._max_tokens
-        prompt_tokens = await self._count(render_chat(messages, add_generation_prompt=True))
+        prompt_tokens = await self._count(render_prompt(messages, tools))
+        call = forced_tool_call(messages, tools or (), choice)
+        if call is not None:
+            await asyncio.sleep(self._delay)
+            text = tool_calls_text([call.to_message_dict()])
+            yield LLMDone(
+                usage=LLMUsage(prompt_tokens, self._tokenizer.count(text), cached_tokens=None),
+                replica=REPLICA,
+                ttft_ms=(loop.time() - started) * 1000.0,
+                finish_reason="tool_calls",
+                tool_calls=(call,),
+            )
+            return
         completion_tokens = 0
         finish_reason = "stop"
         ttft_ms: float | None = None
-        for piece in _PIECE.findall(self.reply_text(messages)):
+        for piece in _PIECE.findall(self.reply_text(messages, tools)):
             n = self._tokenizer.count(piece)
             if completion_tokens + n > limit:
                 finish_reason = "length"
@@ -87,31 +139,32 @@ class OfflineDevLLM:
             finish_reason=finish_reason,
         )
 
-    async def complete(
-        self, messages: list[dict[str, str]], *, session_key: str, max_tokens: int | None = None
-    ) -> tuple[str, LLMUsage | None]:
-        text, done = await collect(
-            self.stream_chat(messages, session_key=session_key, max_tokens=max_tokens)
-        )
-        return text, done.usage if done is not None else None
-
     async def health(self) -> bool:
         return True
 
     async def aclose(self) -> None:
         return None
 
-    def reply_text(self, messages: list[dict[str, str]]) -> str:
-        """The whole reply to ``messages`` (before any max_tokens cut)."""
-        first = messages[0] if messages else {}
-        if first.get("role") == "system" and first.get("content") == SUMMARIZE_SYSTEM_PROMPT:
-            return extractive_summary(messages[1:])
-        user_messages = [m.get("content") or "" for m in messages if m.get("role") == "user"]
-        last = " ".join((user_messages[-1] if user_messages else "").split())
-        quote = last if len(last) <= _QUOTE_CHARS else last[:_QUOTE_CHARS].rstrip() + "..."
-        return (
-            f"{DEV_MARKER} You said: \u201c{quote}\u201d ({len(last.split())} words). "
-            f"That is user message {len(user_messages)} of this conversation. "
+    def reply_text(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> str:
+        """The whole text reply to ``messages`` (before any max_tokens cut)."""
+        if is_summary_request(messages, tools):
+            return extractive_summary([m for m in messages if m.get("role") != "system"])
+        user_at = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+        last = " ".join((messages[user_at[-1]].get("content") or "").split()) if user_at else ""
+        reply = (
+            f"{DEV_MARKER} You said: \u201c{_quote(last)}\u201d ({len(last.split())} words). "
+            f"That is user message {len(user_at)} of this conversation. "
+        )
+        after = messages[user_at[-1] + 1 :] if user_at else messages
+        results = [m.get("content") or "" for m in after if m.get("role") == "tool"]
+        if results:
+            reply += (
+                f"Tools answered {len(results)} call(s); the last result: "
+                f"\u201c{_quote(' '.join(results[-1].split()))}\u201d. "
+            )
+        return reply + (
             "Set TIERMEM_LLM_URL to an OpenAI-compatible server such as vLLM for real answers."
         )
 
@@ -121,7 +174,116 @@ class OfflineDevLLM:
         return await asyncio.to_thread(self._tokenizer.count, text)
 
 
-def extractive_summary(messages: list[dict[str, str]]) -> str:
+def is_summary_request(
+    messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
+) -> bool:
+    """True when the first system message asks to summarise and no tools are offered.
+
+    An agent's system prompt may well mention summaries; an agent turn comes
+    with tools, a summary request does not.
+    """
+    if tools:
+        return False
+    system = next((m for m in messages if m.get("role") == "system"), None)
+    return system is not None and bool(_SUMMARY_REQUEST.search(system.get("content") or ""))
+
+
+def forced_tool_call(
+    messages: Sequence[ChatMessage],
+    tools: Sequence[Mapping[str, Any]],
+    tool_choice: ToolChoice | None,
+) -> ToolCall | None:
+    """The call the development model makes: only when ``tool_choice`` forces one."""
+    if not tools or tool_choice is None or tool_choice in ("auto", "none"):
+        return None
+    if isinstance(tool_choice, str):  # "required": the first tool offered
+        tool = tools[0]
+    else:
+        name = tool_choice["function"]["name"]
+        tool = next(t for t in tools if tool_name(t) == name)
+    function = tool.get("function")
+    parameters = function.get("parameters") if isinstance(function, Mapping) else None
+    last_user = next(
+        (m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), ""
+    )
+    arguments = placeholder_arguments(parameters, last_user.strip())
+    return ToolCall("call_dev_0", tool_name(tool) or "", orjson.dumps(arguments).decode())
+
+
+def placeholder_arguments(schema: Any, text: str) -> dict[str, Any]:
+    """Values for the required properties of the JSON schema of an object."""
+    if not isinstance(schema, Mapping):
+        return {}
+    properties = schema.get("properties")
+    properties = properties if isinstance(properties, Mapping) else {}
+    out: dict[str, Any] = {}
+    for key in schema.get("required") or ():
+        prop = properties.get(key)
+        out[str(key)] = _placeholder(prop if isinstance(prop, Mapping) else {}, text)
+    return out
+
+
+def _placeholder(schema: Mapping[str, Any], text: str) -> Any:
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("const", "default"):
+        if key in schema:
+            return schema[key]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = "string" if "string" in kind or not kind else kind[0]
+    if kind == "object":
+        return placeholder_arguments(schema, text)
+    if kind in ("integer", "number") and "minimum" in schema:
+        return schema["minimum"]
+    # A string, or a field of no stated type: the user's words are the likeliest fit.
+    return _ZERO.get(str(kind), text)
+
+
+def render_prompt(
+    messages: Sequence[ChatMessage],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The prompt text of a chat request with tools: ``render_chat`` plus the tool definitions.
+
+    ``render_chat`` renders messages, tool calls included; the definitions
+    join the first system message here (a ``# Tools`` block, one JSON object
+    a line, where Hermes-style templates put them), as a model's template
+    would render the request's ``tools``. Without tools the text is exactly
+    ``render_chat``'s. The fake vLLM counts prompts the same way.
+    """
+    if not tools:
+        return render_chat(messages, add_generation_prompt=add_generation_prompt)
+    block = "# Tools\n<tools>\n"
+    block += "".join(json.dumps(tool, ensure_ascii=False) + "\n" for tool in tools)
+    block += "</tools>"
+    rendered: list[Mapping[str, Any]] = list(messages)
+    if rendered and rendered[0]["role"] == "system":
+        system = rendered[0]
+        rendered[0] = {**system, "content": f"{system.get('content') or ''}\n\n{block}"}
+    else:
+        rendered.insert(0, {"role": "system", "content": block})
+    return render_chat(rendered, add_generation_prompt=add_generation_prompt)
+
+
+def tool_calls_text(calls: Sequence[Mapping[str, Any]]) -> str:
+    """Tool calls as the model writes them: what ``render_chat`` adds to a message for them.
+
+    Derived from ``render_chat`` itself, so what is counted as generated is
+    exactly what the next prompt renders (the prefix cache depends on it).
+    """
+    if not calls:
+        return ""
+    framed = render_chat([{"role": "assistant", "content": "", "tool_calls": list(calls)}])
+    return framed.removeprefix(f"{IM_START}assistant\n").removesuffix(f"{IM_END}\n")
+
+
+def _quote(text: str) -> str:
+    return text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS].rstrip() + "..."
+
+
+def extractive_summary(messages: Sequence[ChatMessage]) -> str:
     """The first sentence of each non-empty line of ``messages``, capped.
 
     Lines of the development model's own replies are skipped: they carry no

@@ -15,26 +15,41 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from types import MappingProxyType
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from infra.chat_template import render_chat
-from infra.dev_llm import DEV_MARKER, OfflineDevLLM, extractive_summary
+from infra.dev_llm import (
+    DEV_MARKER,
+    OfflineDevLLM,
+    extractive_summary,
+    render_prompt,
+    tool_calls_text,
+)
 from infra.llm import (
-    SUMMARIZE_SYSTEM_PROMPT,
+    ChatMessage,
+    InvalidToolArguments,
     LLMDone,
     LLMError,
+    LLMResult,
     LLMToken,
     OpenAICompatibleLLM,
+    ToolCall,
+    ToolChoice,
+    assistant_message,
     build_llm,
     collect,
+    named_tool_choice,
 )
 from infra.settings import Settings
 from infra.tokenizer import default_tokenizer
-from tests.servers.fake_vllm import FakeVLLM, RecordedRequest
+from tests.servers.fake_vllm import FakeToolCall, FakeVLLM, RecordedRequest, ScriptedReply
 
 BLOCK = 16
 
@@ -55,7 +70,7 @@ async def llm(fake: FakeVLLM) -> AsyncIterator[OpenAICompatibleLLM]:
     await client.aclose()
 
 
-def conversation(user: str) -> list[dict[str, str]]:
+def conversation(user: str) -> list[ChatMessage]:
     return [
         {"role": "system", "content": "You are a careful assistant. " * 8},
         {"role": "user", "content": user},
@@ -63,9 +78,9 @@ def conversation(user: str) -> list[dict[str, str]]:
 
 
 async def run(
-    llm: OpenAICompatibleLLM, messages: list[dict[str, str]], session: str = "t:s"
+    llm: OpenAICompatibleLLM, messages: Sequence[ChatMessage], session: str = "t:s", **kw: Any
 ) -> tuple[str, LLMDone]:
-    text, done = await collect(llm.stream_chat(messages, session_key=session))
+    text, done = await collect(llm.stream_chat(messages, session_key=session, **kw))
     assert done is not None
     return text, done
 
@@ -110,7 +125,11 @@ async def test_streams_tokens_and_usage(fake: FakeVLLM, llm: OpenAICompatibleLLM
 async def test_second_turn_reports_cached_prompt_and_reply(llm: OpenAICompatibleLLM) -> None:
     first = conversation("Remember that my cat is called Miso.")
     reply, done1 = await run(llm, first)
-    second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "Ok?"}]
+    second: list[ChatMessage] = [
+        *first,
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "Ok?"},
+    ]
     _, done2 = await run(llm, second)
     assert done1.usage is not None and done2.usage is not None
     # Cached: full blocks of prompt 1 + reply 1 minus its last token, and at
@@ -124,7 +143,10 @@ async def test_second_turn_reports_cached_prompt_and_reply(llm: OpenAICompatible
 async def test_a_rewritten_prefix_breaks_the_cache(llm: OpenAICompatibleLLM) -> None:
     messages = conversation("A question about prefixes.")
     await run(llm, messages)
-    changed = [{"role": "system", "content": "Now: 12:00. " + messages[0]["content"]}, messages[1]]
+    changed: list[ChatMessage] = [
+        {"role": "system", "content": f"Now: 12:00. {messages[0].get('content')}"},
+        messages[1],
+    ]
     _, done = await run(llm, changed)
     assert done.usage is not None and done.usage.cached_tokens == 0
 
@@ -169,9 +191,12 @@ async def test_max_tokens_cuts_the_reply(fake: FakeVLLM, llm: OpenAICompatibleLL
 
 
 async def test_complete_returns_text_and_usage(fake: FakeVLLM, llm: OpenAICompatibleLLM) -> None:
-    text, usage = await llm.complete(conversation("summarise"), session_key="t:s")
-    assert text.startswith("Re: summarise")
-    assert usage is not None and usage.completion_tokens == default_tokenizer().count(text)
+    result = await llm.complete(conversation("summarise"), session_key="t:s")
+    assert result.text.startswith("Re: summarise")
+    assert result.tool_calls == ()
+    assert result.finish_reason == "stop"
+    usage = result.usage
+    assert usage is not None and usage.completion_tokens == default_tokenizer().count(result.text)
 
 
 # --- failures -------------------------------------------------------------------------
@@ -416,11 +441,16 @@ async def test_dev_llm_says_what_it_is_and_answers_the_last_message(
     assert done.usage.prompt_tokens == tok.count(render_chat(one, add_generation_prompt=True))
     assert done.usage.completion_tokens == tok.count(text)
     assert done.usage.cached_tokens is None
-    two = [*one, {"role": "assistant", "content": text}, {"role": "user", "content": "And Nice?"}]
-    text2, _ = await dev.complete(two, session_key="t:s")
+    two: list[ChatMessage] = [
+        *one,
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": "And Nice?"},
+    ]
+    text2 = (await dev.complete(two, session_key="t:s")).text
     assert "And Nice?" in text2 and "user message 2 " in text2
-    again, _ = await dev.complete(one, session_key="t:s")
-    assert again == text  # deterministic
+    again = await dev.complete(one, session_key="t:s")
+    assert again.text == text  # deterministic
+    assert again.usage == done.usage and again.finish_reason == "stop"
     assert await dev.health() is True
 
 
@@ -447,15 +477,444 @@ async def test_dev_llm_summarises_extractively() -> None:
         f"assistant: {DEV_MARKER} You said something.\n"
         "user: I am allergic to peanuts! Please remember it."
     )
-    messages = [
-        {"role": "system", "content": SUMMARIZE_SYSTEM_PROMPT},
+    messages: list[ChatMessage] = [
+        {"role": "system", "content": "You keep notes. SUMMARIZE the conversation below."},
         {"role": "user", "content": batch},
     ]
-    summary, usage = await dev.complete(messages, session_key="t:s")
-    assert summary == "user: My name is Ada. user: I am allergic to peanuts!"
-    assert usage is not None and usage.completion_tokens > 0
+    result = await dev.complete(messages, session_key="t:s")
+    assert result.text == "user: My name is Ada. user: I am allergic to peanuts!"
+    assert result.usage is not None and result.usage.completion_tokens > 0
+    # The same words with tools offered are an agent turn, not a summary request.
+    tools = [{"type": "function", "function": {"name": "noop", "parameters": {}}}]
+    agent = await dev.complete(messages, session_key="t:s", tools=tools)
+    assert DEV_MARKER in agent.text
     assert extractive_summary([{"role": "user", "content": "x. " * 2000}]).count("x.") == 1
     assert len(extractive_summary([{"role": "user", "content": "y y.\n" * 2000}])) <= 1500
+
+
+# --- tools and tool calls -------------------------------------------------------------
+
+TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search_memory",
+            "description": "Search what the user said earlier. Ünïcode stays as it is.",
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+                "required": ["query"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "days": {"type": "integer", "minimum": 1},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                    "options": {
+                        "type": "object",
+                        "properties": {"hourly": {"type": "boolean"}},
+                        "required": ["hourly"],
+                    },
+                },
+                "required": ["city", "days", "unit", "options"],
+            },
+        },
+    },
+]
+
+
+async def stream_events(
+    llm: OpenAICompatibleLLM | OfflineDevLLM, messages: Sequence[ChatMessage], **kw: Any
+) -> tuple[list[LLMToken], LLMDone]:
+    events = [ev async for ev in llm.stream_chat(messages, session_key="t:s", **kw)]
+    done = events[-1]
+    assert isinstance(done, LLMDone)
+    assert all(isinstance(ev, LLMToken) for ev in events[:-1])
+    return [ev for ev in events if isinstance(ev, LLMToken)], done
+
+
+def sent_calls(rec: RecordedRequest) -> tuple[ToolCall, ...]:
+    return tuple(
+        ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
+        for c in rec.tool_calls_sent
+    )
+
+
+async def test_tools_and_tool_choice_reach_the_server_byte_identical(
+    fake: FakeVLLM, llm: OpenAICompatibleLLM
+) -> None:
+    choice = named_tool_choice("get_weather")
+    first = conversation("Weather in Lyon?")
+    await run(llm, first, tools=TOOLS, tool_choice=choice)
+    second: list[ChatMessage] = [
+        *first,
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "more"},
+    ]
+    # The same definitions as other containers: the bytes must not change.
+    frozen = tuple(MappingProxyType(t) for t in TOOLS)
+    await run(llm, second, tools=frozen, tool_choice=choice)
+    recs = fake.chat_requests()
+    assert len(recs) == 2
+    for rec in recs:
+        assert rec.raw_field("tools") == orjson.dumps(TOOLS)
+        assert rec.raw_field("tool_choice") == orjson.dumps(choice)
+        assert rec.body["tools"] == TOOLS  # in the request's field, in the caller's order
+        assert "search_memory" not in str(rec.messages)  # not as text in the prompt
+    assert recs[0].raw_field("messages") != recs[1].raw_field("messages")
+
+
+async def test_a_request_without_tools_has_no_tools_key(
+    fake: FakeVLLM, llm: OpenAICompatibleLLM
+) -> None:
+    await run(llm, conversation("no tools"))
+    await run(llm, conversation("empty tools"), tools=[], tool_choice="auto")
+    await run(llm, conversation("tools, no choice"), tools=TOOLS)
+    plain, empty, no_choice = fake.chat_requests()
+    for rec in (plain, empty):
+        assert "tools" not in rec.body and "tool_choice" not in rec.body
+        assert rec.raw_field("tools") is None
+    assert no_choice.body["tools"] == TOOLS and "tool_choice" not in no_choice.body
+
+
+async def test_fragmented_tool_call_deltas_are_assembled(
+    fake: FakeVLLM, llm: OpenAICompatibleLLM
+) -> None:
+    arguments = '{"city": "Lyon", "days": 3, "unit": "celsius", "options": {"hourly": true}}'
+    fake.script(ScriptedReply(tool_calls=(FakeToolCall("get_weather", arguments),)))
+    tokens, done = await stream_events(llm, conversation("weather?"), tools=TOOLS)
+    rec = fake.chat_requests()[-1]
+    assert tokens == []  # tool calls never arrive as text
+    assert rec.chunks_sent > len(arguments) // 3  # it really came in fragments
+    assert done.tool_calls == sent_calls(rec)
+    (call,) = done.tool_calls
+    assert call.id.startswith("chatcmpl-tool-") and call.name == "get_weather"
+    assert call.arguments == arguments
+    assert call.parsed_arguments()["options"] == {"hourly": True}
+    assert done.finish_reason == "tool_calls"
+    assert done.usage is not None and done.usage.completion_tokens == rec.completion_tokens > 0
+    assert done.ttft_ms > 0
+
+
+async def test_two_tool_calls_at_once(fake: FakeVLLM, llm: OpenAICompatibleLLM) -> None:
+    a = FakeToolCall("search_memory", '{"query": "cat name", "limit": 2}')
+    b = FakeToolCall("get_weather", '{"city": "Nice"}', id="call_fixed")
+    fake.script(ScriptedReply(tool_calls=(a, b), fragment_chars=2, interleave=True))
+    _, done = await stream_events(llm, conversation("both"), tools=TOOLS)
+    rec = fake.chat_requests()[-1]
+    assert [c.name for c in done.tool_calls] == ["search_memory", "get_weather"]
+    assert done.tool_calls == sent_calls(rec)
+    assert done.tool_calls[1].id == "call_fixed"
+    assert done.tool_calls[0].parsed_arguments() == {"query": "cat name", "limit": 2}
+    assert done.tool_calls[1].parsed_arguments() == {"city": "Nice"}
+
+
+async def test_text_then_tool_call_and_complete(fake: FakeVLLM, llm: OpenAICompatibleLLM) -> None:
+    call = FakeToolCall("search_memory", '{"query": "tea"}')
+    fake.script(ScriptedReply(text="Let me look that up.", tool_calls=(call,)))
+    tokens, done = await stream_events(llm, conversation("tea?"), tools=TOOLS)
+    assert "".join(t.text for t in tokens) == "Let me look that up."
+    assert len(tokens) == 5  # text still streams word by word
+    assert [c.name for c in done.tool_calls] == ["search_memory"]
+    fake.script(ScriptedReply(text="Checking.", tool_calls=(call,)))
+    result = await llm.complete(conversation("tea?"), session_key="t:s", tools=TOOLS)
+    assert isinstance(result, LLMResult)
+    assert result.text == "Checking."
+    assert result.tool_calls == sent_calls(fake.chat_requests()[-1])
+    assert result.finish_reason == "tool_calls"
+    assert result.usage is not None and result.usage.prompt_tokens > 0
+    message = result.to_message()
+    assert message["content"] == "Checking."
+    assert message["tool_calls"] == [c.to_message_dict() for c in result.tool_calls]
+
+
+async def test_content_and_tool_calls_in_one_delta_without_ids(
+    fake: FakeVLLM, llm: OpenAICompatibleLLM
+) -> None:
+    deltas: tuple[dict[str, Any], ...] = (
+        {"content": "On it.", "tool_calls": [
+            {"index": 0, "type": "function", "function": {"name": "get_", "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"name": "weather", "arguments": '{"ci'}}]},
+        {"tool_calls": [{"index": 1, "function": {"name": "search_memory"}},
+                        {"index": 0, "function": {"arguments": 'ty": "Oslo"}'}}]},
+        {"tool_calls": [{"index": 1, "function": {"arguments": '{"query": "x"}'}}]},
+    )  # fmt: skip
+    fake.script(ScriptedReply(deltas=deltas, finish_reason="tool_calls"))
+    tokens, done = await stream_events(llm, conversation("go"), tools=TOOLS)
+    assert [t.text for t in tokens] == ["On it."]
+    assert done.tool_calls == (
+        ToolCall("call_0", "get_weather", '{"city": "Oslo"}'),
+        ToolCall("call_1", "search_memory", '{"query": "x"}'),
+    )
+    assert done.finish_reason == "tool_calls"
+
+
+async def test_call_rule_and_the_loop_back_with_tool_results(
+    fake: FakeVLLM, llm: OpenAICompatibleLLM
+) -> None:
+    ask = conversation('CALL search_memory {"query": "cat"}\nCALL get_weather\nThanks.')
+    _, done = await run(llm, ask, tools=TOOLS)
+    assert [(c.name, c.arguments) for c in done.tool_calls] == [
+        ("search_memory", '{"query": "cat"}'),
+        ("get_weather", "{}"),
+    ]
+    assert done.finish_reason == "tool_calls"
+    first = fake.chat_requests()[-1]
+    # The agent appends the call and the results; the next reply is text.
+    results: list[ChatMessage] = [
+        {"role": "tool", "tool_call_id": c.id, "content": f"result of {c.name}"}
+        for c in done.tool_calls
+    ]
+    history = [*ask, assistant_message("", done.tool_calls), *results]
+    text, again = await collect(llm.stream_chat(history, session_key="t:s", tools=TOOLS))
+    assert again is not None and again.tool_calls == () and again.finish_reason == "stop"
+    assert text.startswith("Re: CALL")
+    # The calls as generated are the calls as re-sent: the prefix cache holds.
+    second = fake.chat_requests()[-1]
+    assert second.body["messages"][2]["content"] is None
+    assert again.usage is not None and again.usage.cached_tokens is not None
+    computed = first.prompt_tokens + first.completion_tokens - 1
+    expected = min(computed // BLOCK, (second.prompt_tokens - 1) // BLOCK) * BLOCK
+    assert expected > first.prompt_tokens - BLOCK
+    assert again.usage.cached_tokens == expected
+    # Without tools, or with tool_choice "none", the rule does not apply.
+    _, plain = await run(llm, ask)
+    _, none = await run(llm, ask, tools=TOOLS, tool_choice="none")
+    assert plain.tool_calls == () and none.tool_calls == ()
+    assert plain.finish_reason == none.finish_reason == "stop"
+
+
+async def test_tool_definitions_are_part_of_the_cached_prefix(
+    fake: FakeVLLM, llm: OpenAICompatibleLLM
+) -> None:
+    messages = conversation("prefix with tools")
+    _, done = await run(llm, messages, tools=TOOLS)
+    _, same = await run(llm, messages, tools=TOOLS)
+    _, reordered = await run(llm, messages, tools=TOOLS[::-1])
+    assert done.usage is not None and same.usage is not None and reordered.usage is not None
+    p = same.usage.prompt_tokens
+    assert p > default_tokenizer().count(render_chat(messages, add_generation_prompt=True))
+    assert same.usage.cached_tokens == (p - 1) // BLOCK * BLOCK
+    # Another order is another prefix from the first tool on: only what comes
+    # before it (system prompt, the opening of the tools block) still hits.
+    tok = default_tokenizer()
+    a, b = (tok.encode(render_prompt(messages, tools)) for tools in (TOOLS, TOOLS[::-1]))
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    assert shared > tok.count(render_chat(messages[:1]))
+    assert reordered.usage.cached_tokens == shared // BLOCK * BLOCK < same.usage.cached_tokens
+
+
+async def test_a_tool_call_longer_than_the_first_token_timeout_streams_on(
+    fake: FakeVLLM,
+) -> None:
+    client = OpenAICompatibleLLM([fake.base_url], first_token_timeout_s=0.3, read_timeout_s=0.5)
+    fake.token_interval_s = 0.05
+    fake.script(ScriptedReply(tool_calls=(FakeToolCall("f", '{"text": "' + "a" * 30 + '"}'),)))
+    started = time.monotonic()
+    try:
+        _, done = await run(client, conversation("slow"), tools=TOOLS)
+    finally:
+        await client.aclose()
+    assert time.monotonic() - started > 0.5  # past the first-token deadline, yet no timeout
+    assert done.tool_calls[0].parsed_arguments() == {"text": "a" * 30}
+
+
+async def test_a_stream_dropped_during_a_tool_call_is_retryable(
+    fake: FakeVLLM, llm: OpenAICompatibleLLM
+) -> None:
+    fake.inject("drop", after_chunks=3)
+    fake.script(ScriptedReply(tool_calls=(FakeToolCall("f", '{"a": "bcdefgh"}'),)))
+    with pytest.raises(LLMError) as info:
+        await run(llm, conversation("drop"), tools=TOOLS)
+    # Tool-call fragments are never relayed: the user saw nothing yet.
+    assert (info.value.kind, info.value.retryable) == ("protocol", True)
+
+
+@pytest.mark.parametrize(
+    ("delta", "message"),
+    [
+        ({"tool_calls": "broken"}, "not a list"),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}, "no function name"),
+    ],
+)
+async def test_malformed_tool_calls_are_protocol_errors(
+    fake: FakeVLLM, llm: OpenAICompatibleLLM, delta: dict[str, Any], message: str
+) -> None:
+    fake.script(ScriptedReply(deltas=(delta,), finish_reason="tool_calls"))
+    with pytest.raises(LLMError) as info:
+        await run(llm, conversation("bad"), tools=TOOLS)
+    assert (info.value.kind, info.value.retryable) == ("protocol", True)
+    assert "malformed tool call" in info.value.message and message in info.value.message
+
+
+async def test_broken_arguments_from_the_model_surface_on_parsing(
+    fake: FakeVLLM, llm: OpenAICompatibleLLM
+) -> None:
+    _, done = await run(llm, conversation('CALL get_weather {"city": '), tools=TOOLS)
+    (call,) = done.tool_calls
+    assert call.arguments == '{"city":'
+    with pytest.raises(InvalidToolArguments, match="get_weather"):
+        call.parsed_arguments()
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "message"),
+    [
+        (None, "required", "needs tools"),
+        (TOOLS, named_tool_choice("not_offered"), "not among the tools"),
+        (TOOLS, "sometimes", "not one of"),
+        (TOOLS, {"type": "function"}, "is not"),
+    ],
+)
+async def test_impossible_tool_choice_fails_before_any_request(
+    fake: FakeVLLM, llm: OpenAICompatibleLLM, tools: Any, choice: Any, message: str
+) -> None:
+    dev = OfflineDevLLM()
+    for client in (llm, dev):
+        with pytest.raises(ValueError, match=message):
+            await client.complete(
+                conversation("x"), session_key="t:s", tools=tools, tool_choice=choice
+            )
+    assert fake.chat_requests() == []
+
+
+async def test_temperature_per_request(fake: FakeVLLM, llm: OpenAICompatibleLLM) -> None:
+    await run(llm, conversation("cold"), temperature=0.0)
+    await run(llm, conversation("default"))
+    cold, default = fake.chat_requests()
+    assert cold.body["temperature"] == 0.0 and default.body["temperature"] == 0.7
+
+
+def test_fake_non_streaming_tool_calls(fake: FakeVLLM) -> None:
+    with httpx.Client(base_url=fake.base_url) as http:
+        body = {"messages": conversation("CALL get_weather {}"), "tools": TOOLS}
+        r = http.post("/chat/completions", json=body).json()
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"] == fake.chat_requests()[-1].tool_calls_sent
+    assert choice["message"]["tool_calls"][0]["function"] == {
+        "name": "get_weather",
+        "arguments": "{}",
+    }
+
+
+def test_fake_streams_interleaved_tool_call_fragments(fake: FakeVLLM) -> None:
+    calls = (FakeToolCall("search_memory", '{"query": "q"}'), FakeToolCall("get_weather", "{}"))
+    fake.script(ScriptedReply(tool_calls=calls, fragment_chars=4))
+    body = {
+        "messages": conversation("x"),
+        "tools": TOOLS,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with (
+        httpx.Client(base_url=fake.base_url) as http,
+        http.stream("POST", "/chat/completions", json=body) as r,
+    ):
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [orjson.loads(line) for line in lines[:-1]]
+    fragments = [
+        f for c in chunks for choice in c["choices"] for f in choice["delta"].get("tool_calls", ())
+    ]
+    # Each call opens with its id, type and name, then its arguments in pieces.
+    assert [f["index"] for f in fragments] == [0, 1, 0, 1, 0, 0, 0]
+    assert fragments[0]["id"].startswith("chatcmpl-tool-") and fragments[0]["type"] == "function"
+    assert fragments[1]["function"] == {"name": "get_weather", "arguments": ""}
+    assert [f["function"]["arguments"] for f in fragments[2:]] == [
+        '{"qu',
+        "{}",
+        'ery"',
+        ': "q',
+        '"}',
+    ]
+    assert "id" not in fragments[2] and "name" not in fragments[2]["function"]
+    finishes = [choice["finish_reason"] for c in chunks for choice in c["choices"]]
+    assert finishes[-1] == "tool_calls" and set(finishes[:-1]) == {None}
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and usage["completion_tokens"] > 0
+
+
+# --- the development LLM with tools ---------------------------------------------------
+
+
+async def test_dev_llm_with_tool_choice_required_calls_the_first_tool() -> None:
+    dev = OfflineDevLLM()
+    messages = conversation("  What did I say about tea?  ")
+    tokens, done = await stream_events(dev, messages, tools=TOOLS, tool_choice="required")
+    assert tokens == []
+    assert done.finish_reason == "tool_calls"
+    (call,) = done.tool_calls
+    assert call.name == "search_memory"
+    assert call.parsed_arguments() == {"query": "What did I say about tea?"}
+    tok = default_tokenizer()
+    assert done.usage is not None
+    assert done.usage.prompt_tokens == tok.count(render_prompt(messages, TOOLS))
+    assert done.usage.prompt_tokens > tok.count(render_chat(messages, add_generation_prompt=True))
+    assert done.usage.completion_tokens > 0
+
+
+async def test_dev_llm_named_tool_choice_fills_the_schema() -> None:
+    dev = OfflineDevLLM()
+    result = await dev.complete(
+        conversation("Lyon"),
+        session_key="t:s",
+        tools=TOOLS,
+        tool_choice=named_tool_choice("get_weather"),
+    )
+    assert result.text == "" and result.finish_reason == "tool_calls"
+    (call,) = result.tool_calls
+    assert call.name == "get_weather"
+    assert call.parsed_arguments() == {
+        "city": "Lyon",
+        "days": 1,
+        "unit": "celsius",
+        "options": {"hourly": False},
+    }
+
+
+async def test_dev_llm_answers_in_text_unless_made_to_call() -> None:
+    dev = OfflineDevLLM()
+    choices: tuple[ToolChoice | None, ...] = (None, "auto", "none")
+    for choice in choices:
+        result = await dev.complete(
+            conversation("hello"),
+            session_key="t:s",
+            tools=TOOLS,
+            tool_choice=choice,
+        )
+        assert result.tool_calls == () and DEV_MARKER in result.text
+
+
+async def test_dev_llm_counts_and_answers_a_history_with_tool_calls() -> None:
+    dev = OfflineDevLLM()
+    call = ToolCall("call_dev_0", "search_memory", '{"query": "tea"}')
+    history: list[ChatMessage] = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "What do I drink?"},
+        assistant_message("", [call]),
+        {"role": "tool", "tool_call_id": call.id, "content": "The user likes green tea."},
+    ]
+    tokens, done = await stream_events(dev, history, tools=TOOLS)
+    text = "".join(t.text for t in tokens)
+    assert DEV_MARKER in text and "What do I drink?" in text
+    assert "\u201cThe user likes green tea.\u201d" in text
+    tok = default_tokenizer()
+    assert done.usage is not None
+    rendered = render_prompt(history, TOOLS)
+    assert done.usage.prompt_tokens == tok.count(rendered)
+    assert tool_calls_text([call.to_message_dict()]) in rendered
+    assert "search_memory" in tool_calls_text([call.to_message_dict()])
+    assert rendered.startswith(render_chat(history[:1])[: -len("<|im_end|>\n")])
 
 
 # --- build_llm ----------------------------------------------------------------------------

@@ -8,8 +8,28 @@ the one vLLM behaviour tiermem is built around: automatic prefix caching
 
 Knobs per instance: first-token delay, inter-token delay, reply length or a
 reply function, injected failures (HTTP 500, hang before the first token, drop
-the connection mid-stream). Every request is recorded (messages, headers,
-tokens sent, whether and when the client disconnected) for tests to assert on.
+the connection mid-stream). Every request is recorded (the body as parsed and
+as the exact bytes received, headers, tokens sent, tool calls sent, whether
+and when the client disconnected) for tests to assert on.
+
+Tool calls, streamed as vLLM and OpenAI stream them (a first fragment with
+``index``, ``id``, ``type`` and the name, then ``arguments`` in fragments of a
+few characters; several calls interleaved by index; finish_reason
+"tool_calls"; usage as for text), come two ways:
+- scripted: ``fake.script(ScriptedReply(text=..., tool_calls=(FakeToolCall(name,
+  arguments), ...)))`` queues replies; each chat request takes the next one,
+  whatever it asks (``reset`` empties the queue). ``ScriptedReply`` also sets
+  the fragment size, whether calls interleave, whether ids are sent at all.
+- by rule: a request that has ``tools`` (and no ``tool_choice`` "none") and
+  whose last message is the user's, with lines ``CALL <tool_name> <json
+  arguments>``, gets one call per such line
+  (arguments ``{}`` when the line has none; neither the name nor the JSON is
+  checked, so a test can provoke an unknown tool or broken JSON). Once a tool
+  result follows the user's message, the reply is text again: an agent loop
+  against the fake ends.
+Prompts are counted as ``infra.dev_llm.render_prompt`` renders them, so tool
+definitions and earlier calls take part in the prefix-cache simulation; a
+request without them counts exactly as ``render_chat``.
 
 In-process: ``FakeVLLM(...).start()`` serves on a free 127.0.0.1 port from a
 background thread; ``.base_url`` ends in ``/v1``. As a process (benchmarks):
@@ -26,6 +46,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import socket
 import threading
 import time
@@ -46,7 +67,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from infra.chat_template import render_chat
+from infra.dev_llm import render_prompt, tool_calls_text
 from infra.tokenizer import Tokenizer, default_tokenizer
 
 # --------------------------------------------------------------------------------------
@@ -239,6 +260,89 @@ def split_pieces(text: str) -> list[str]:
     return pieces
 
 
+@dataclass(frozen=True)
+class FakeToolCall:
+    """One tool call a scripted reply makes."""
+
+    name: str
+    arguments: str = "{}"  # JSON text, sent as is (it may be broken on purpose)
+    id: str | None = None  # None: generated per request, as vLLM does
+
+
+@dataclass(frozen=True)
+class ScriptedReply:
+    """A reply a test orders (``FakeVLLM.script``): text, then ``deltas``, then tool calls.
+
+    ``deltas`` are hand-written ``choices[0].delta`` objects sent as they are
+    (a delta with content and tool_calls at once, a malformed one); only their
+    ``content`` counts as output. ``finish_reason`` None means "tool_calls"
+    when ``tool_calls`` has calls, else "stop"; a reply whose text
+    ``max_tokens`` cuts ends with "length" and nothing after the text. Tool
+    calls themselves are not cut. A request that does not stream gets the
+    text and ``tool_calls``, not ``deltas``.
+    """
+
+    text: str = ""
+    tool_calls: tuple[FakeToolCall, ...] = ()
+    deltas: tuple[dict[str, Any], ...] = ()
+    fragment_chars: int = 3  # arguments are streamed in pieces of this many characters
+    interleave: bool = True  # fragments of several calls alternate by index
+    send_ids: bool = True  # False: no fragment carries an id
+    finish_reason: str | None = None
+
+    def resolved_calls(self) -> list[dict[str, Any]]:
+        """The calls in OpenAI's message format, ids filled in (None when not sent)."""
+        return [
+            {
+                "id": (call.id or f"chatcmpl-tool-{uuid.uuid4().hex}") if self.send_ids else None,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for call in self.tool_calls
+        ]
+
+    def fragments(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The ``delta.tool_calls`` entries that stream ``calls``, in sending order."""
+        n = max(self.fragment_chars, 1)
+        per_call: list[list[dict[str, Any]]] = []
+        for index, call in enumerate(calls):
+            first: dict[str, Any] = {"index": index}
+            if call["id"] is not None:
+                first["id"] = call["id"]
+            first["type"] = "function"
+            first["function"] = {"name": call["function"]["name"], "arguments": ""}
+            arguments = call["function"]["arguments"]
+            per_call.append(
+                [first]
+                + [
+                    {"index": index, "function": {"arguments": arguments[i : i + n]}}
+                    for i in range(0, len(arguments), n)
+                ]
+            )
+        if not self.interleave:
+            return [f for fragments in per_call for f in fragments]
+        rounds = itertools.zip_longest(*per_call)
+        return [f for round_ in rounds for f in round_ if f is not None]
+
+
+_CALL_LINE = re.compile(r"^[ \t]*CALL[ \t]+(\S+)[ \t]*(.*?)[ \t]*$", re.MULTILINE)
+
+
+def called_tools(body: dict[str, Any]) -> ScriptedReply | None:
+    """The reply the ``CALL <tool_name> <json>`` rule gives ``body``, if it applies."""
+    messages = body.get("messages") or []
+    if not body.get("tools") or body.get("tool_choice") == "none":
+        return None
+    if not messages or messages[-1].get("role") != "user":
+        return None
+    content = messages[-1].get("content")
+    calls = tuple(
+        FakeToolCall(m.group(1), m.group(2) or "{}")
+        for m in _CALL_LINE.finditer(content if isinstance(content, str) else "")
+    )
+    return ScriptedReply(tool_calls=calls) if calls else None
+
+
 # --------------------------------------------------------------------------------------
 # Recording and failures
 # --------------------------------------------------------------------------------------
@@ -261,14 +365,47 @@ class RecordedRequest:
     first_token_at: float | None = None
     finished_at: float | None = None
     disconnected_at: float | None = None
+    raw_body: bytes = b""  # the request body exactly as received
+    # The complete tool calls the reply streamed (OpenAI message format).
+    tool_calls_sent: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def messages(self) -> list[dict[str, str]]:
         return list(self.body.get("messages") or [])
 
+    def raw_field(self, name: str) -> bytes | None:
+        """The exact bytes of the body's top-level field ``name``, as the client encoded them.
+
+        So a test can tell that two requests carried byte-identical ``tools``.
+        """
+        text = self.raw_body.decode()
+        decoder = json.JSONDecoder()
+        i = _skip_ws(text, 0)
+        if text[i : i + 1] != "{":
+            return None
+        i = _skip_ws(text, i + 1)
+        while text[i : i + 1] not in ("}", ""):
+            key, i = decoder.raw_decode(text, i)
+            i = _skip_ws(text, _skip_ws(text, i) + 1)  # past the colon
+            _, end = decoder.raw_decode(text, i)
+            if key == name:
+                return text[i:end].encode()
+            i = _skip_ws(text, end)
+            if text[i : i + 1] == ",":
+                i = _skip_ws(text, i + 1)
+        return None
+
     @property
     def session_id(self) -> str | None:
         return self.headers.get("x-session-id")
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    match = _WS.match(text, i)
+    return match.end() if match else i
 
 
 @dataclass
@@ -369,6 +506,7 @@ class FakeVLLM:
         self.metrics = _Metrics(model)
         self.requests: list[RecordedRequest] = []
         self._failures: list[_Failure] = []
+        self._scripts: list[ScriptedReply] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = ThreadedUvicorn(self.app(), host=host, port=port)
@@ -409,7 +547,8 @@ class FakeVLLM:
 
         ``http_500``: answer 500 with an OpenAI error body. ``hang``: send the
         headers, then nothing until the client goes away. ``drop``: stream
-        ``after_chunks`` content chunks, then cut the TCP connection.
+        ``after_chunks`` chunks of the reply (text or tool-call fragments), then
+        cut the TCP connection.
         """
         with self._lock:
             self._failures.append(_Failure(kind, times, after_chunks))
@@ -418,10 +557,16 @@ class FakeVLLM:
         with self._lock:
             self._failures.clear()
 
+    def script(self, *replies: ScriptedReply) -> None:
+        """Queue ``replies``: each next chat request streams the next one (see the module doc)."""
+        with self._lock:
+            self._scripts.extend(replies)
+
     def reset(self) -> None:
-        """Forget recorded requests and the prefix cache."""
+        """Forget recorded requests, scripted replies not yet given and the prefix cache."""
         with self._lock:
             self.requests.clear()
+            self._scripts.clear()
         self.cache.reset()
 
     def chat_requests(self) -> list[RecordedRequest]:
@@ -450,12 +595,18 @@ class FakeVLLM:
                     self._failures.pop(0)
             return failure
 
-    def _record(self, request: Request, body: dict[str, Any]) -> RecordedRequest:
+    def _take_script(self) -> ScriptedReply | None:
+        with self._lock:
+            return self._scripts.pop(0) if self._scripts else None
+
+    async def _record(self, request: Request, body: dict[str, Any]) -> RecordedRequest:
         rec = RecordedRequest(
             path=request.url.path,
             body=body,
             headers={k.lower(): v for k, v in request.headers.items()},
             received_at=time.monotonic(),
+            # Starlette keeps the body it read for request.json(): no second read.
+            raw_body=await request.body(),
         )
         with self._lock:
             self.requests.append(rec)
@@ -506,7 +657,9 @@ class FakeVLLM:
             return _error(400, "request body must be a JSON object")
         if "messages" in body:
             generation_prompt = bool(body.get("add_generation_prompt", True))
-            text = render_chat(body["messages"], add_generation_prompt=generation_prompt)
+            text = render_prompt(
+                body["messages"], body.get("tools"), add_generation_prompt=generation_prompt
+            )
         elif isinstance(body.get("prompt"), str):
             text = body["prompt"]
         else:
@@ -529,7 +682,7 @@ class FakeVLLM:
         inputs = [raw] if isinstance(raw, str) else raw
         if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
             return _error(400, "'input' must be a string or a list of strings")
-        self._record(request, body)
+        await self._record(request, body)
         data = [
             {"object": "embedding", "index": i, "embedding": self.embed(text)}
             for i, text in enumerate(inputs)
@@ -558,14 +711,14 @@ class FakeVLLM:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return _error(400, "'messages' must be a non-empty list")
-        rec = self._record(request, body)
+        rec = await self._record(request, body)
         failure = self._take_failure()
         if failure is not None:
             rec.failure = failure.kind
             if failure.kind == "http_500":
                 rec.status = 500
                 return _error(500, "injected failure: internal server error", "InternalServerError")
-        prompt_ids = self.tokenizer.encode(render_chat(messages, add_generation_prompt=True))
+        prompt_ids = self.tokenizer.encode(render_prompt(messages, body.get("tools")))
         rec.prompt_tokens = len(prompt_ids)
         if len(prompt_ids) >= self.max_model_len:
             rec.status = 400
@@ -575,15 +728,25 @@ class FakeVLLM:
                 f"However, your request has {len(prompt_ids)} input tokens.",
             )
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 1 << 30
-        reply = (
-            self.reply_fn(messages)
-            if self.reply_fn is not None
-            else default_reply(messages, self.reply_tokens, self.tokenizer)
-        )
+        scripted = self._take_script() or called_tools(body)
+        if scripted is not None:
+            reply = scripted.text
+        elif self.reply_fn is not None:
+            reply = self.reply_fn(messages)
+        else:
+            reply = default_reply(messages, self.reply_tokens, self.tokenizer)
         pieces, finish_reason = self._cut(split_pieces(reply), int(max_tokens))
+        deltas: list[dict[str, Any]] = [{"content": piece} for piece in pieces]
+        if scripted is not None and finish_reason != "length":
+            rec.tool_calls_sent = scripted.resolved_calls()
+            deltas += scripted.deltas
+            deltas += ({"tool_calls": [f]} for f in scripted.fragments(rec.tool_calls_sent))
+            finish_reason = scripted.finish_reason or (
+                "tool_calls" if rec.tool_calls_sent else "stop"
+            )
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return _ChatStream(self, rec, prompt_ids, pieces, finish_reason, include_usage, failure)
+            return _ChatStream(self, rec, prompt_ids, deltas, finish_reason, include_usage, failure)
         return await self._chat_whole(rec, prompt_ids, pieces, finish_reason)
 
     def _cut(self, pieces: list[str], max_tokens: int) -> tuple[list[str], str]:
@@ -611,8 +774,12 @@ class FakeVLLM:
         finally:
             self.metrics.running.labels(**self.metrics.labels).dec()
         text = "".join(pieces)
-        usage = self._finish(rec, prompt_ids, text)
+        usage = self._finish(rec, prompt_ids, text + tool_calls_text(rec.tool_calls_sent))
         rec.finished_at = time.monotonic()
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if rec.tool_calls_sent:
+            message["content"] = text or None
+            message["tool_calls"] = rec.tool_calls_sent
         return JSONResponse(
             {
                 "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -622,7 +789,7 @@ class FakeVLLM:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": None,
                         "finish_reason": finish,
                     }
@@ -668,7 +835,7 @@ class _ChatStream:
         server: FakeVLLM,
         rec: RecordedRequest,
         prompt_ids: list[int],
-        pieces: list[str],
+        deltas: list[dict[str, Any]],
         finish_reason: str,
         include_usage: bool,
         failure: _Failure | None,
@@ -676,7 +843,7 @@ class _ChatStream:
         self.server = server
         self.rec = rec
         self.prompt_ids = prompt_ids
-        self.pieces = pieces
+        self.deltas = deltas
         self.finish_reason = finish_reason
         self.include_usage = include_usage
         self.failure = failure
@@ -761,7 +928,7 @@ class _ChatStream:
             return
         await asyncio.sleep(server.first_token_delay_s)
         yield self._chunk({"role": "assistant", "content": ""})
-        for i, piece in enumerate(self.pieces):
+        for i, delta in enumerate(self.deltas):
             if i > 0 and server.token_interval_s > 0:
                 await asyncio.sleep(server.token_interval_s)
             if failure is not None and failure.kind == "drop" and i >= failure.after_chunks:
@@ -771,12 +938,14 @@ class _ChatStream:
                 server.metrics.ttft.labels(**server.metrics.labels).observe(
                     self.rec.first_token_at - self.rec.received_at
                 )
-            last = i == len(self.pieces) - 1
-            self.sent_pieces.append(piece)
-            yield self._chunk({"content": piece}, self.finish_reason if last else None)
-        if not self.pieces:
+            last = i == len(self.deltas) - 1
+            if isinstance(delta.get("content"), str):
+                self.sent_pieces.append(delta["content"])
+            yield self._chunk(delta, self.finish_reason if last else None)
+        if not self.deltas:
             yield self._chunk({}, self.finish_reason)
-        usage = server._finish(self.rec, self.prompt_ids, "".join(self.sent_pieces))
+        calls = tool_calls_text(self.rec.tool_calls_sent)
+        usage = server._finish(self.rec, self.prompt_ids, "".join(self.sent_pieces) + calls)
         self.sent_pieces = []  # accounted; a late disconnect must not count them again
         if self.include_usage:
             yield self._event(
