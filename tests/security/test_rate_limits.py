@@ -1,4 +1,5 @@
-"""Per-tenant rate limits (app/ratelimit.py) against real Redis servers.
+"""Per-tenant rate limits (app/ratelimit.py, memory/rate_limits.py) against real
+Redis servers.
 
 Turns per minute (sliding window), concurrent streams across two app instances
 ("pods") sharing one Redis, lease expiry after a `tiermem serve` process is
@@ -21,18 +22,13 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from app.ratelimit import (
-    WINDOW_MS,
-    RateLimited,
-    RateLimiter,
-    RateLimitUnavailable,
-    streams_key,
-    turns_key,
-)
+from app.ratelimit import RateLimited, RateLimiter, RateLimitUnavailable
+from infra.errors import TiermemError, Unavailable
 from infra.redis_client import RedisLike
 from infra.settings import Settings
-from memory.keys import InvalidId
-from tests.harness import AppServer, ServeProcess, make_settings, post_turn
+from memory.keys import InvalidId, RateLimitKeys
+from memory.rate_limits import WINDOW_MS
+from tests.harness import AppServer, ServeProcess, l2_round_trips, make_settings, post_turn
 from tests.security import write_keys
 from tests.servers.fake_vllm import FakeVLLM
 from tests.servers.redis_server import RedisServer
@@ -101,11 +97,35 @@ async def test_defaults_are_off_and_cost_nothing(redis_url: str) -> None:
 
 
 def test_keys_are_per_tenant_and_cannot_be_escaped() -> None:
-    assert turns_key("acme") == "tm:rl:{acme}:turns"
-    assert streams_key("acme") == "tm:rl:{acme}:streams"
+    assert RateLimitKeys("acme").turns == "tm:rl:{acme}:turns"
+    assert RateLimitKeys("acme").streams == "tm:rl:{acme}:streams"
     for bad in ("a}b", "a{b", "a*", 'a"b', "", "a:b", "a\x00b"):
         with pytest.raises(InvalidId):
-            turns_key(bad)
+            RateLimitKeys(bad)
+
+
+def test_refusals_are_tiermem_errors_with_status_code_and_retry_after() -> None:
+    turns = RateLimited("turns_per_minute", 17, "slow down")
+    streams = RateLimited("streams", 1, "one at a time")
+    down = RateLimitUnavailable()
+    assert isinstance(turns, TiermemError) and isinstance(down, Unavailable)
+    assert (turns.http_status, turns.code, dict(turns.headers)) == (
+        429, "rate_limited", {"Retry-After": "17"},
+    )  # fmt: skip
+    assert (streams.http_status, streams.code, dict(streams.headers)) == (
+        429, "too_many_streams", {"Retry-After": "1"},
+    )  # fmt: skip
+    assert (turns.message, turns.limit, turns.retry_after_s) == (
+        "slow down",
+        "turns_per_minute",
+        17,
+    )
+    assert (down.http_status, down.code, down.retryable, dict(down.headers)) == (
+        503, "rate_limit_unavailable", True, {"Retry-After": "1"},
+    )  # fmt: skip
+    # Per instance: one refusal's Retry-After never leaks into another's.
+    assert dict(RateLimited("turns_per_minute", 3, "x").headers) == {"Retry-After": "3"}
+    assert dict(turns.headers) == {"Retry-After": "17"}
 
 
 async def test_turns_per_minute_is_per_tenant_with_retry_after(
@@ -136,21 +156,21 @@ async def test_turns_per_minute_is_per_tenant_with_retry_after(
         assert len(fake_llm.chat_requests()) == calls
         rc = aioredis.from_url(redis_url)
         try:
-            assert await rc.zcard(turns_key(tenant_a)) == 3
-            assert 0 < await rc.pttl(turns_key(tenant_a)) <= WINDOW_MS + 1000
+            assert await rc.zcard(RateLimitKeys(tenant_a).turns) == 3
+            assert 0 < await rc.pttl(RateLimitKeys(tenant_a).turns) <= WINDOW_MS + 1000
             # The other tenant has its own budget.
             for i in range(3):
                 ok = await post_turn(client, srv.url, sid(), f"b {i}", headers=B)
                 assert ok.status_code == 200, ok.body
-            assert await rc.zcard(turns_key(tenant_b)) == 3
+            assert await rc.zcard(RateLimitKeys(tenant_b).turns) == 3
             # Slide the window: move A's entries 59.5 s into the past (Redis
             # keeps real time; the entries are what the window is made of).
             entries = cast(
                 "list[tuple[bytes, float]]",
-                await rc.zrange(turns_key(tenant_a), 0, -1, withscores=True),
+                await rc.zrange(RateLimitKeys(tenant_a).turns, 0, -1, withscores=True),
             )
             shifted = {m: score - (WINDOW_MS - 500) for m, score in entries}
-            await rc.zadd(turns_key(tenant_a), shifted)
+            await rc.zadd(RateLimitKeys(tenant_a).turns, shifted)
             again = await client.post(
                 f"{srv.url}/v1/sessions/{sid()}/turns", json={"user_id": "u1", "message": "x"},
                 headers=A,
@@ -161,7 +181,7 @@ async def test_turns_per_minute_is_per_tenant_with_retry_after(
             ok = await post_turn(client, srv.url, sid(), "after the window", headers=A)
             assert ok.status_code == 200 and ok.done["status"] == "complete"
             # The three old entries left; only the new one is in the window.
-            assert await rc.zcard(turns_key(tenant_a)) == 1
+            assert await rc.zcard(RateLimitKeys(tenant_a).turns) == 1
         finally:
             await rc.aclose()
 
@@ -202,7 +222,7 @@ async def test_concurrent_streams_are_limited_across_pods_and_leases_renew(
             await asyncio.sleep(1.2)  # two lease lengths in: still held
             r = aioredis.from_url(redis_url)
             try:
-                assert await r.zcard(streams_key(tenant_a)) == 2
+                assert await r.zcard(RateLimitKeys(tenant_a).streams) == 2
                 refused = await client.post(
                     f"{pod2.url}/v1/sessions/{sid()}/turns",
                     json={"user_id": "u1", "message": "third"}, headers=A,
@@ -217,10 +237,10 @@ async def test_concurrent_streams_are_limited_across_pods_and_leases_renew(
                 assert all("event: done" in ls for ls in lines)
                 # Released when the turns ended (after their commit), not by expiry.
                 for _ in range(50):
-                    if await r.zcard(streams_key(tenant_a)) == 0:
+                    if await r.zcard(RateLimitKeys(tenant_a).streams) == 0:
                         break
                     await asyncio.sleep(0.02)
-                assert await r.zcard(streams_key(tenant_a)) == 0
+                assert await r.zcard(RateLimitKeys(tenant_a).streams) == 0
                 ok = await post_turn(client, pod2.url, sid(), "now there is room", headers=A)
                 assert ok.status_code == 200 and ok.done["status"] == "complete"
                 assert not pod1.services.turn_tasks
@@ -312,7 +332,7 @@ async def test_exact_counts_under_concurrent_admission(any_redis: RedisLike, kin
     results = await asyncio.gather(*(one() for _ in range(40)))
     assert sum(results) == limit
     assert limiter.round_trips == 40  # one round trip per admission, refused or not
-    key = streams_key(t) if kind == "streams" else turns_key(t)
+    key = RateLimitKeys(t).streams if kind == "streams" else RateLimitKeys(t).turns
     assert await any_redis.zcard(key) == limit
     assert await any_redis.pttl(key) > 0
 
@@ -346,14 +366,14 @@ async def test_renew_tells_a_lost_lease_from_no_answer(tmp_path: Path) -> None:
         t = tenant()
         lease = await limiter.admit(t)
         assert lease is not None
-        before = await r.zscore(streams_key(t), lease.member)
+        before = await r.zscore(RateLimitKeys(t).streams, lease.member)
         await asyncio.sleep(0.01)
         assert await limiter.renew(t, lease.member) is True
-        assert (await r.zscore(streams_key(t), lease.member) or 0) > (before or 0)
-        await r.zrem(streams_key(t), lease.member)
+        assert (await r.zscore(RateLimitKeys(t).streams, lease.member) or 0) > (before or 0)
+        await r.zrem(RateLimitKeys(t).streams, lease.member)
         # Gone: not taken back (that could exceed the limit).
         assert await limiter.renew(t, lease.member) is False
-        assert await r.zcard(streams_key(t)) == 0
+        assert await r.zcard(RateLimitKeys(t).streams) == 0
         server.stop()
         assert await limiter.renew(t, lease.member) is None  # no answer: try again later
     finally:
@@ -400,7 +420,7 @@ async def test_redis_stopped_fail_open_and_fail_closed(
             assert len(fake_llm.chat_requests()) == calls + 1
             assert r_open.final.event == "error"
             assert r_open.final.data["error"]["code"] == "storage_unavailable"
-            assert r_open.final.data["retry"] is True
+            assert r_open.final.data["retryable"] is True
             open_s = time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -464,16 +484,16 @@ async def test_cost_of_limits_on_an_l1_hit_turn(
     session = sid()
     async with AppServer(settings) as srv:
         assert (await post_turn(client, srv.url, session, "first")).status_code == 200
-        limiter = srv.server.config.app.state.rate_limiter  # type: ignore[union-attr]
+        limiter = srv.services.rate_limiter
         assert isinstance(limiter, RateLimiter)
-        l2, before_l2, before_rl = srv.services.l2, srv.services.l2.round_trips, limiter.round_trips
+        before_l2, before_rl = l2_round_trips(srv.services), limiter.round_trips
         r = await post_turn(client, srv.url, session, "second")
         assert r.events[0].data["l1_hit"] is True
         for _ in range(50):  # the release runs after the last event
             if not srv.services.turn_tasks:
                 break
             await asyncio.sleep(0.01)
-        assert l2.round_trips - before_l2 == 1
+        assert l2_round_trips(srv.services) - before_l2 == 1
         assert limiter.round_trips - before_rl == 2
         assert await limiter.streams_held(settings.default_tenant) == 0
 

@@ -28,6 +28,7 @@ from infra.embeddings import (
     build_embedder,
     close_embedder,
 )
+from infra.errors import Unavailable
 from infra.settings import Settings
 from tests.servers.redis_server import free_port
 
@@ -271,6 +272,13 @@ async def test_openai_embedder_errors(embeddings_server) -> None:
 
 
 # --- choice by settings -------------------------------------------------------------------
+
+
+def test_embedding_error_is_a_retryable_tiermem_error() -> None:
+    exc = EmbeddingError("model server down")
+    assert isinstance(exc, Unavailable)
+    assert (exc.code, exc.http_status, exc.retryable) == ("embedding_unavailable", 503, True)
+    assert str(exc) == "model server down"
 
 
 def test_build_embedder_explicit_choices(executor: ThreadPoolExecutor) -> None:
