@@ -19,9 +19,12 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
+from infra.errors import TiermemError
 from memory.keys import validate_id
 
 log = logging.getLogger("tiermem.auth")
@@ -40,8 +43,12 @@ class KeyEntry:
     revoked: bool
 
 
-class AuthError(Exception):
-    pass
+class AuthError(TiermemError):
+    """No key, an unknown key, or a revoked one: 401 with a Bearer challenge."""
+
+    code = "unauthorized"
+    http_status = 401
+    headers: Mapping[str, str] = MappingProxyType({"WWW-Authenticate": "Bearer"})
 
 
 class ApiKeyAuth:

@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
 from typing import Any
 
 from app.auth import ApiKeyAuth, ensure_dev_key
+from app.ratelimit import RateLimiter
 from graph.builder import TurnRunner
+from graph.checkpointer import RedisCheckpointSaver
 from graph.nodes import TurnDeps
 from graph.state import TurnControl
 from infra.embedded_redis import EmbeddedRedis, ensure_redis
 from infra.embeddings import Embedder, build_embedder, close_embedder
+from infra.errors import TiermemError
+from infra.executors import Executors
 from infra.llm import LLMClient, build_llm
 from infra.milvus import AsyncMilvus
 from infra.redis_client import REDIS_ERRORS, RedisLike, create_redis, is_cluster
@@ -29,15 +33,25 @@ from memory.archiver import Archiver, CrashHook
 from memory.context import ContextBuilder, StablePrefix
 from memory.l1_pool import L1Pool
 from memory.l2_store import L2Store
-from memory.l3_store import L3Store, L3Unavailable
+from memory.l3_store import L3Store
 from memory.metrics import Metrics
+from memory.sessions import Sessions
 
 log = logging.getLogger("tiermem.services")
 
 _START_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError)
+# Checkpoints kept per thread: the latest and its parent.
+CHECKPOINTS_KEPT = 2
 
 
 class Services:
+    """Built by ``start`` and closed by ``stop``, in reverse order, through one
+    ``AsyncExitStack``: whatever ``start`` opened before a failure is closed too.
+
+    ``llm`` replaces the configured LLM client and ``archive_after_upsert`` is a
+    fault-injection hook of the archiver: both are injected by tests and
+    benchmarks, never set by production code."""
+
     def __init__(
         self,
         settings: Settings,
@@ -57,8 +71,7 @@ class Services:
         self.auth: ApiKeyAuth | None = None
         self.dev_key: str | None = None
         self._background: list[asyncio.Task[None]] = []
-        # Milvus Lite and the embedding model block: they run here, off the loop.
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tiermem-io")
+        self._stack = AsyncExitStack()
 
     # Set in start(); typed here for the routes.
     redis: RedisLike
@@ -68,16 +81,35 @@ class Services:
     l1: L1Pool
     l2: L2Store
     l3: L3Store
+    sessions: Sessions
     archiver: Archiver
+    rate_limiter: RateLimiter | None
+    executors: Executors
     runner: TurnRunner
 
     async def start(self) -> None:
+        try:
+            await self._start(self._stack)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self, stack: AsyncExitStack) -> None:
         s = self.settings
         self._start_auth()
+        # Milvus Lite and the embedding model block: they run off the loop, each
+        # on a bounded pool of its own, so a Milvus call that hangs until its
+        # deadline never holds a thread an embedding or a tokenisation needs.
+        # Registered first, so it closes last: milvus.close() still needs its pool.
+        self.executors = Executors(s.cpu_workers, s.milvus_workers)
+        stack.callback(self.executors.shutdown)
         url, self.embedded_redis = await ensure_redis(s)
+        if self.embedded_redis is not None:
+            stack.push_async_callback(self.embedded_redis.stop)
         self.redis = create_redis(
             url, socket_timeout=s.redis_socket_timeout_s, max_connections=s.redis_max_connections
         )
+        stack.push_async_callback(self.redis.aclose)
         if is_cluster(self.redis):
             # redis-py's asyncio cluster client must learn the slot map before
             # concurrent use (redis/redis-py#3032); if the cluster is down now,
@@ -86,51 +118,80 @@ class Services:
                 await self.redis.initialize()
             except _START_ERRORS as exc:
                 log.error("Redis Cluster not reachable at start: %s", exc)
-        self.milvus = AsyncMilvus(s.resolved_milvus_uri, s.milvus_token, self.executor)
+        self.milvus = AsyncMilvus(
+            s.resolved_milvus_uri, s.milvus_token, self.executors.milvus,
+            timeout_s=s.milvus_timeout_s, max_in_flight=self.executors.milvus_workers,
+        )  # fmt: skip
+        stack.push_async_callback(self.milvus.close)
         if self.milvus.is_local:
             s.data_dir.mkdir(parents=True, exist_ok=True)
-        self.embedder = build_embedder(s, self.executor)
+        self.embedder = build_embedder(s, self.executors.cpu)
+        stack.push_async_callback(close_embedder, self.embedder)
         self.llm = self._llm_override or build_llm(s)
+        stack.push_async_callback(self.llm.aclose)
         self.l1 = L1Pool(s.l1_max_sessions, s.l1_max_bytes, s.l1_idle_evict_s)
         self.l2 = L2Store(
             self.redis,
             session_ttl_s=s.session_ttl_s,
             turn_record_ttl_s=s.turn_record_ttl_s,
             retrieval_cache_ttl_s=s.retrieval_cache_ttl_s,
+            checkpoints_kept=CHECKPOINTS_KEPT,
+            metrics=self.metrics,
+        )
+        self.sessions = Sessions(
+            self.l1, self.l2, self.metrics, commit_deadline_s=s.commit_deadline_s
         )
         self.l3 = L3Store(self.milvus, self.embedder, s.milvus_collection, s.embedding_dim)
         try:
             await self.l3.ensure_collection()
-        except L3Unavailable as exc:
-            # Chat works without L3; batches wait in the L2 outbox until it answers.
-            log.error("Milvus not available at start (%s); archiving will wait for it", exc)
+        except TiermemError as exc:
+            # Chat works without L3: batches wait in the L2 outbox until it
+            # answers (or, for a collection of another schema, until an operator
+            # fixes the setting), and retrieval is skipped meanwhile.
+            log.error("L3 not usable at start (%s: %s); archiving will wait", exc.code, exc)
         self.archiver = Archiver(
             self.l2, self.l3, self.llm, self.metrics,
             threshold=s.archive_threshold, lease_s=s.archive_lease_s,
-            idle_after_s=s.archive_idle_after, on_advance=self._on_archive,
+            idle_after_s=s.archive_idle_after, on_advance=self.sessions.apply_archive,
             after_upsert=self._archive_after_upsert,
         )  # fmt: skip
+        # Archive tasks still running at stop get a moment; what does not finish
+        # stays safe in L2 (outbox record, cursor unmoved).
+        stack.push_async_callback(self.archiver.drain, 3.0)
         tokenizer = build_tokenizer("auto")
         context = ContextBuilder(
             StablePrefix.load(s.system_prompt, s.prefix_file),
             tokenizer,
             s.context_budget_tokens,
             s.compaction_target_ratio,
+            executor=self.executors.cpu,
+        )
+        checkpointer = RedisCheckpointSaver(
+            self.redis, ttl_s=s.session_ttl_s, max_history=CHECKPOINTS_KEPT
         )
         self.runner = TurnRunner(
-            TurnDeps(s, self.l1, self.l2, self.l3, self.llm, context, self.archiver, self.metrics)
-        )
+            TurnDeps(s, self.sessions, self.l2, self.l3, self.llm, context, self.archiver,
+                     self.metrics, checkpointer)
+        )  # fmt: skip
+        # None when both limits are off: then admission costs nothing.
+        self.rate_limiter = RateLimiter.from_settings(s, self.redis, self.metrics)
         self._background = [
             asyncio.create_task(self.archiver.sweep_forever(s.sweep_interval_s), name="sweeper"),
             asyncio.create_task(self._evict_idle_forever(), name="l1-evictor"),
         ]
+        stack.push_async_callback(self._stop_background)
         log.info(
             "tiermem ready",
             extra={"redis": "embedded" if self.embedded_redis else "external",
                    "milvus": "lite" if self.milvus.is_local else "remote",
-                   "llm": getattr(self.llm, "name", "?"), "embedder": self.embedder.name,
+                   "llm": self.llm.name, "embedder": self.embedder.name,
                    "tokenizer": tokenizer.name},
         )  # fmt: skip
+
+    async def _stop_background(self) -> None:
+        for t in self._background:
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     def _start_auth(self) -> None:
         s = self.settings
@@ -157,21 +218,6 @@ class Services:
                     "using the development API key file %s (key shown at its creation)", path
                 )
         self.auth = ApiKeyAuth(path)
-
-    def _on_archive(
-        self, tenant: str, session: str, version: int, archived_upto: int, summary: str
-    ) -> None:
-        state = self.l1.get(tenant, session)
-        if state is None:
-            return
-        if state.version == version - 1:
-            state.version = version
-            state.archived_upto = archived_upto
-            state.summary = summary
-            state.summary_upto = archived_upto
-        else:
-            # L1 missed a commit elsewhere: drop it, the next turn reloads from L2.
-            self.l1.drop(tenant, session)
 
     async def _evict_idle_forever(self) -> None:
         while True:
@@ -220,19 +266,4 @@ class Services:
     async def stop(self) -> None:
         self.begin_drain()
         await self.wait_turns(self.settings.drain_timeout_s + 2)
-        for t in self._background:
-            t.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        if hasattr(self, "archiver"):
-            await self.archiver.drain(limit_s=3.0)
-        if hasattr(self, "llm"):
-            await self.llm.aclose()
-        if hasattr(self, "embedder"):
-            await close_embedder(self.embedder)
-        if hasattr(self, "milvus"):
-            await self.milvus.close()
-        if hasattr(self, "redis"):
-            await self.redis.aclose()
-        if self.embedded_redis is not None:
-            await self.embedded_redis.stop()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        await self._stack.aclose()

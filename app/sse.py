@@ -1,8 +1,10 @@
 """Server-sent events framing and the streaming response of a turn.
 
-Each event carries ``id: <turn_id>:<seq>`` so a client can resume with
-``Last-Event-ID``; a heartbeat comment goes out when nothing was sent for
-``heartbeat_s`` so proxies keep idle streams open.
+The one place the graph's typed events (``graph.events``) become bytes: each is
+framed as ``event: <name>`` and ``data: <JSON of .data()>``. Each event carries
+``id: <turn_id>:<seq>`` so a client can resume with ``Last-Event-ID``; a
+heartbeat comment goes out when nothing was sent for ``heartbeat_s`` so proxies
+keep idle streams open.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any, cast
 
 import orjson
 from starlette.responses import StreamingResponse
+
+from graph.events import Token, TurnEvent
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -33,7 +37,7 @@ HEARTBEAT = b": heartbeat\n\n"
 
 
 async def relay(
-    queue: asyncio.Queue[dict[str, Any] | None], turn_id: str, heartbeat_s: float
+    queue: asyncio.Queue[TurnEvent | None], turn_id: str, heartbeat_s: float
 ) -> AsyncIterator[bytes]:
     """Frames the events a turn puts on ``queue`` until it puts None.
 
@@ -43,7 +47,7 @@ async def relay(
     held: object = _NOTHING  # taken off the queue, not sent yet
     while True:
         if held is not _NOTHING:
-            item, held = cast("dict[str, Any] | None", held), _NOTHING
+            item, held = cast("TurnEvent | None", held), _NOTHING
         elif queue.empty():
             try:
                 # asyncio.timeout, not wait_for: no extra task per event.
@@ -56,16 +60,16 @@ async def relay(
             item = queue.get_nowait()
         if item is None:
             return
-        if item["event"] == "token" and not queue.empty():
-            texts = [item["data"]["text"]]
+        if type(item) is Token and not queue.empty():
+            texts = [item.text]
             while not queue.empty():
                 nxt = queue.get_nowait()
-                if nxt is None or nxt["event"] != "token":
+                if type(nxt) is not Token:
                     held = nxt
                     break
-                texts.append(nxt["data"]["text"])
-            item = {"event": "token", "data": {"text": "".join(texts)}}
-        yield frame(f"{turn_id}:{seq}", item["event"], item["data"])
+                texts.append(nxt.text)
+            item = Token("".join(texts))
+        yield frame(f"{turn_id}:{seq}", item.name, item.data())
         seq += 1
 
 

@@ -276,8 +276,8 @@ def at_turn(conv: dict[str, Any], args: argparse.Namespace) -> list[dict[str, An
 
 
 def write_amplification(conv: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from infra.llm import SUMMARIZE_SYSTEM_PROMPT
     from infra.tokenizer import default_tokenizer
+    from memory.summaries import SUMMARY_PROMPT as SUMMARIZE_SYSTEM_PROMPT
 
     tok = default_tokenizer()
     totals = conv["tm_totals"]
@@ -336,17 +336,16 @@ async def build_tiermem_session(
         msg = user_message(5, i)
         reply = default_reply([{"role": "user", "content": msg}], 24, context.tokenizer)
         plan = context.plan(state, msg, None)
-        turn = Turn(
+        turn = Turn.of_text(
             index=i, turn_id=uuid.uuid4().hex, user=msg, assistant=reply,
             created_at=time.time(), usage={"prompt_tokens": plan.prompt_tokens},
         )  # fmt: skip
         context.turn_tokens(turn)  # stored with the turn, as the commit node does
         meta = dict(plan.meta_updates)
         meta["updated_at"] = repr(turn.created_at)
-        meta["user_id"] = "bench-user"
         if state.version == 0:
             meta["created_at"] = repr(now)
-        state.version = await l2.commit(state, turn, meta_updates=meta)
+        state.version = await l2.commit(state, turn, meta_updates=meta, user_id="bench-user")
         state.turns.append(turn)
         state.turn_count = i
         if plan.compaction is not None:

@@ -342,7 +342,7 @@ class SessionReplay:
 
     def _commit(self, plan: ContextPlan, ex: Exchange, memories: str | None) -> None:
         state = self.state
-        turn = Turn(
+        turn = Turn.of_text(
             index=state.turn_count + 1, turn_id=f"{self.layout}:{self.key}:{state.turn_count + 1}",
             user=ex.user, assistant=ex.assistant, memories=memories,
         )  # fmt: skip

@@ -8,7 +8,7 @@ The probe changes nothing on the turn path; it only watches it:
   (request sent -> stream finished, summed over the awaits of the stream);
 - the turn runner is wrapped to note, per turn, when the request arrived, when
   the LLM request went out, when ``done`` went out, when the graph finished,
-  the graph's own phase timings, whether L1 hit, and ``L2Store.round_trips``
+  the graph's own phase timings, whether L1 hit, and ``tiermem_l2_round_trips_total``
   between the start of the turn and ``done``.
 
 ``GET /bench/turns?clear=1`` returns those records; ``GET /bench/stats`` the
@@ -33,9 +33,15 @@ from app.logging_setup import setup_logging
 from app.main import create_app
 from app.services import Services
 from graph.builder import TurnRunner
+from graph.events import TurnEvent
 from graph.state import TurnControl, TurnInput
-from infra.llm import LLMClient, LLMEvent, LLMToken, LLMUsage
+from infra.llm import LLMClient, LLMEvent, LLMToken
 from infra.settings import Settings
+
+
+def l2_round_trips(services: Services) -> int:
+    value = services.metrics.registry.get_sample_value("tiermem_l2_round_trips_total")
+    return int(value or 0)
 
 
 class _LLMWait:
@@ -59,11 +65,11 @@ class TimedLLM:
         self.waits: dict[str, _LLMWait] = {}
 
     async def stream_chat(
-        self, messages: list[dict[str, str]], *, session_key: str, max_tokens: int | None = None
+        self, messages: Any, *, session_key: str, **options: Any
     ) -> AsyncGenerator[LLMEvent, None]:
         w = self.waits.setdefault(session_key, _LLMWait())
         w.request = time.perf_counter()
-        gen = self.inner.stream_chat(messages, session_key=session_key, max_tokens=max_tokens)
+        gen = self.inner.stream_chat(messages, session_key=session_key, **options)
         try:
             while True:
                 t = time.perf_counter()
@@ -81,10 +87,8 @@ class TimedLLM:
         finally:
             await gen.aclose()
 
-    async def complete(
-        self, messages: list[dict[str, str]], *, session_key: str, max_tokens: int | None = None
-    ) -> tuple[str, LLMUsage | None]:
-        return await self.inner.complete(messages, session_key=session_key, max_tokens=max_tokens)
+    async def complete(self, messages: Any, *, session_key: str, **options: Any) -> Any:
+        return await self.inner.complete(messages, session_key=session_key, **options)
 
     async def health(self) -> bool:
         return await self.inner.health()
@@ -98,6 +102,7 @@ class RecordingRunner(TurnRunner):
 
     def __init__(self, services: Services, timed: TimedLLM) -> None:
         super().__init__(services.runner.deps)
+        self.services = services
         self.timed = timed
         self.records: list[dict[str, Any]] = []
 
@@ -106,21 +111,22 @@ class RecordingRunner(TurnRunner):
     ) -> dict[str, Any]:
         started = time.perf_counter() if started is None else started
         key = f"{inp.tenant}:{inp.session_id}"
-        l2 = self.deps.l2
+        services = self.services
         rec: dict[str, Any] = {"session": inp.session_id, "l1_hit": None, "status": None}
-        rt0 = l2.round_trips
+        rt0 = l2_round_trips(services)
         rec["t_run"] = time.perf_counter() - started
         emit = control.emit
 
-        def watch(ev: dict[str, Any]) -> None:
-            kind = ev.get("event")
+        def watch(ev: TurnEvent) -> None:
+            kind = ev.name
             if kind == "meta":
-                rec["l1_hit"] = ev["data"].get("l1_hit")
+                rec["l1_hit"] = ev.data().get("l1_hit")
             elif kind in ("done", "error"):
                 rec["t_done"] = time.perf_counter() - started
-                rec["round_trips_to_done"] = l2.round_trips - rt0
-                rec["status"] = ev["data"].get("status", kind)
-                usage = ev["data"].get("usage") or {}
+                rec["round_trips_to_done"] = l2_round_trips(services) - rt0
+                data = ev.data()
+                rec["status"] = data.get("status", kind)
+                usage = data.get("usage") or {}
                 rec["prompt_tokens"] = usage.get("prompt_tokens")
                 rec["archived_batch"] = usage.get("archived_batch")
             emit(ev)
@@ -134,9 +140,9 @@ class RecordingRunner(TurnRunner):
         rec["t_first_token"] = (w.first_token - started) if w.first_token else None
         # From the end of the LLM stream to the end of the turn: commit, done, graph exit.
         rec["after_llm"] = (rec["t_end"] - (w.end - started)) if w.end else None
-        timings = dict(self.last_timings)
+        timings = dict(final.get("timings") or {})
         rec["timings"] = timings
-        rec["nodes_outside_llm"] = sum(v for k, v in timings.items() if k != "respond")
+        rec["nodes_outside_llm"] = sum(v for k, v in timings.items() if k != "agent")
         # Everything the service did for this turn except wait on the LLM.
         rec["own"] = rec["t_end"] - w.wait
         self.records.append(rec)
@@ -176,7 +182,7 @@ def probe_router(services: BenchServices) -> APIRouter:
             "l1_bytes": services.l1.bytes,
             "l1_hits": services.l1.hits,
             "l1_misses": services.l1.misses,
-            "l2_round_trips": services.l2.round_trips,
+            "l2_round_trips": l2_round_trips(services),
             "archive_pending": services.archiver.pending_tasks,
             "l3_writes": reg.get_sample_value("tiermem_l3_writes_total") or 0.0,
             "summary_tokens": reg.get_sample_value("tiermem_summary_tokens_total") or 0.0,

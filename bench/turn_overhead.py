@@ -12,13 +12,13 @@ runs in a process of its own. Per concurrency level and server it reports:
 - tokens relayed per CPU-second of the server process;
 - RSS growth of the server process per active session (and L1's own estimate);
 - Redis commands per turn (``INFO commandstats`` deltas, including the commands
-  a Lua script runs) and L2 round trips per turn (``L2Store.round_trips``);
+  a Lua script runs) and L2 round trips per turn (``tiermem_l2_round_trips_total``);
 - the L1 hit ratio (``meta.l1_hit`` as the client saw it).
 
 Part 2 (the figures of issue 2), one request at a time so nothing overlaps:
 - the service's own time per turn on an L1 hit and on an L1 miss (the session
   released with ``POST /v1/sessions/{id}/release`` before each turn);
-- Redis round trips per L1-hit turn, three ways: ``L2Store.round_trips`` up to
+- Redis round trips per L1-hit turn, three ways: ``tiermem_l2_round_trips_total`` up to
   ``done``; a ``MONITOR`` of our Redis counting commands from clients (not from
   scripts) between two markers; and ``INFO commandstats`` deltas;
 - bytes written to Redis per turn at turns 10, 100 and 1,000 of one session:
@@ -398,7 +398,7 @@ async def figures(stack: Stack, args: argparse.Namespace, progress: Progress) ->
                     "l1_hit": rec["l1_hit"], "own": rec["own"],
                     "nodes_outside_llm": rec["nodes_outside_llm"],
                     "pre_llm": rec["t_llm_request"], "after_llm": rec["after_llm"],
-                    "load": rec["timings"].get("load"),
+                    "load": rec["timings"].get("prepare"),
                     "round_trips_to_done": rec["round_trips_to_done"],
                     "monitor_client_cmds_to_done": len(to_done),
                     "monitor_cmds_to_done": [c.split(" ", 1)[0] for c in to_done],
@@ -497,7 +497,7 @@ def pre_llm_parts(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         t = r.get("timings") or {}
         if r.get("t_llm_request") is None or "t_run" not in r or "plan" not in t:
             continue
-        own_nodes = t.get("load", 0.0) + t.get("guard", 0.0) + t.get("retrieve", 0.0)
+        own_nodes = t.get("prepare", 0.0) + t.get("retrieve", 0.0)
         app.append(r["t_run"])
         nodes.append(own_nodes)
         plan.append(t["plan"])
@@ -637,7 +637,7 @@ def tables(levels: list[dict[str, Any]], fig: dict[str, Any] | None, args: argpa
             "tokens, LangGraph). Before LLM: route entry to the LLM request; after LLM: end of "
             "the LLM stream to end of turn (commit, done). Graph nodes: load + guard + plan "
             "+ commit as the graph times them. "
-            "Round trips to done: L2Store.round_trips; MONITOR counts commands sent by "
+            "Round trips to done: tiermem_l2_round_trips_total; MONITOR counts commands sent by "
             "clients (not by scripts) between markers. An L1-hit turn without archiving ran "
             f"{num(s['evalsha_plain_hit']['median'], 0)} EVALSHA and "
             f"{num(s['commands_plain_hit']['median'], 0)} commands in all, inside the script "

@@ -1,8 +1,9 @@
 """How a LangGraph checkpoint is stored in L2.
 
-Both the LangGraph checkpointer (``graph.checkpointer.RedisCheckpointSaver``) and
-the turn commit (``memory.l2_store``) write checkpoints, so the record format
-lives here, below both of them. A record is one msgpack map:
+The LangGraph checkpointer (``graph.checkpointer.RedisCheckpointSaver``) encodes
+and decodes records here, with its own ``serde``; the turn commit gets its record
+from the same saver (``encode_checkpoint``), so memory/ only ever sees bytes. A
+record is one msgpack map:
 
     {"v": 1, "id": str, "parent": str | None,
      "ct": str, "cb": bytes,     # checkpoint, typed by the serde

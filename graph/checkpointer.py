@@ -3,8 +3,11 @@
 ``langgraph-checkpoint-redis`` needs RedisJSON and RediSearch, which plain and
 most managed Redis lack. ``RedisCheckpointSaver`` implements LangGraph's async
 checkpointer API on strings, hashes, sorted sets and sets only, in the L2 key
-layout of ``memory.keys`` and the record format of ``memory.checkpoint_records``
-(the turn commit of ``memory.l2_store`` writes checkpoints the same way).
+layout of ``memory.keys`` and the record format of ``graph.checkpoint_records``.
+The Lua that writes a checkpoint is ``memory.l2_scripts.PUT_CHECKPOINT``, the
+same function the turn commit runs inside its one script, so there is one writer
+of the layout; records are always encoded with this saver's ``serde`` (the turn
+commit asks ``encode_checkpoint`` for its record).
 
 Per thread ``<tenant>:<session>`` and checkpoint namespace ``ns``:
 
@@ -44,24 +47,28 @@ from langgraph.checkpoint.base import (
     CheckpointMetadata,
     CheckpointTuple,
     PendingWrite,
+    empty_checkpoint,
     get_checkpoint_id,
     get_serializable_checkpoint_metadata,
     writes_sort_key,
 )
+from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.serde.base import SerializerProtocol
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from infra.redis_client import scan_keys
-from memory.checkpoint_records import (
+from graph.checkpoint_records import (
     CheckpointRecord,
     decode_record,
     decode_write,
     encode_record,
     encode_write,
 )
+from infra.redis_client import scan_keys
+from memory import l2_scripts
 from memory.keys import PREFIX, SessionKeys, split_thread_id
+from memory.l2_store import CheckpointWrite
 
 __all__ = ["DEFAULT_TTL_S", "RedisCheckpointSaver"]
 
@@ -71,32 +78,6 @@ DEFAULT_TTL_S = 7 * 24 * 3600
 _PAGE = 100
 # ``adelete_thread`` retries this often when namespaces appear while it runs.
 _DELETE_ATTEMPTS = 10
-
-# KEYS: record, index, namespaces.
-# ARGV: 1 checkpoint id, 2 record, 3 ns, 4 ttl, 5 checkpoints kept (0: all),
-#       6 record key prefix, 7 writes key prefix.
-# Pruned keys are built from the prefixes: they carry the same hash tag, so they
-# live in the slot of KEYS[1] (Redis Cluster allows that; cross-slot it refuses).
-_PUT = """
-local ttl = tonumber(ARGV[4])
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ttl)
-redis.call('ZADD', KEYS[2], 0, ARGV[1])
-redis.call('EXPIRE', KEYS[2], ttl)
-redis.call('SADD', KEYS[3], ARGV[3])
-redis.call('EXPIRE', KEYS[3], ttl)
-local keep = tonumber(ARGV[5])
-if keep > 0 then
-  local n = redis.call('ZCARD', KEYS[2])
-  if n > keep then
-    local old = redis.call('ZRANGE', KEYS[2], 0, n - keep - 1)
-    for _, id in ipairs(old) do
-      redis.call('DEL', ARGV[6] .. id, ARGV[7] .. id)
-    end
-    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - keep - 1)
-  end
-end
-return 1
-"""
 
 # KEYS: writes hash, namespaces. ARGV: 1 ttl, 2 ns, 3 "upsert" or "insert",
 # 4.. field/value pairs. "insert" keeps a field already there, as the Postgres
@@ -236,7 +217,7 @@ class RedisCheckpointSaver(BaseCheckpointSaver[str]):
         self.redis = redis
         self.ttl_s = ttl_s
         self.max_history = max_history
-        self._put = redis.register_script(_PUT)
+        self._put = redis.register_script(l2_scripts.PUT_CHECKPOINT)
         self._put_writes = redis.register_script(_PUT_WRITES)
         self._latest = redis.register_script(_LATEST)
         self._delete = redis.register_script(_DELETE)
@@ -522,6 +503,31 @@ class RedisCheckpointSaver(BaseCheckpointSaver[str]):
             if int(done) == 1:
                 return
         raise RuntimeError(f"checkpoint namespaces of {thread_id!r} kept changing during delete")
+
+    def encode_checkpoint(
+        self,
+        thread_id: str,
+        values: dict[str, Any],
+        *,
+        step: int,
+        parent_id: str | None,
+        metadata: dict[str, Any],
+    ) -> CheckpointWrite:
+        """A checkpoint of ``values`` (the graph's channels) as the child of
+        ``parent_id``, encoded with this saver's serde, for a writer that stores
+        it in a script of its own (the turn commit). ``step`` orders it: channel
+        versions are ``step``, so they grow with every commit of the thread."""
+        _keys(thread_id)  # validates the thread id
+        checkpoint = empty_checkpoint()
+        checkpoint["id"] = str(uuid6(clock_seq=step))
+        checkpoint["channel_values"] = values
+        version = f"{step:032}.{0.0:016}"
+        checkpoint["channel_versions"] = dict.fromkeys(values, version)
+        checkpoint["updated_channels"] = sorted(values)
+        record = encode_record(
+            CheckpointRecord(checkpoint["id"], parent_id, dict(checkpoint), metadata), self.serde
+        )
+        return CheckpointWrite(checkpoint["id"], record)
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         """As the in-memory and Postgres savers: a zero-padded counter, then a random

@@ -2,25 +2,24 @@
 
 The app applies ``check_message`` before a turn starts, so bad input is refused
 with a 4xx before anything touches Redis, Milvus or the LLM; the graph's
-``input_guard`` node applies the same rules again (defence in depth).
+``prepare`` node applies the same rules again (defence in depth).
 """
 
 from __future__ import annotations
 
 import re
 
+from infra.errors import InvalidInput
+
 # C0 and C1 control characters other than tab, newline and carriage return.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
-class InputRejected(ValueError):
+class InputRejected(InvalidInput):
     """The turn's input breaks a rule. ``code`` is a stable machine-readable name."""
 
     def __init__(self, code: str, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
+        super().__init__(message, code=code, http_status=status)
 
 
 def check_message(message: object, max_chars: int) -> str:

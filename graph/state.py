@@ -1,35 +1,49 @@
-"""The state of one turn as it flows through the graph, and the turn's controls.
+"""The turn graph's state, its runtime context, and the turn's controls.
 
-The turn graph keeps per-turn values only; the session's durable state lives in
-L1/L2 (``memory.models.SessionState``) and the log in L2. So nothing here grows
-with the conversation.
+State and context are split the way LangGraph means them (``context_schema``):
+
+- ``TurnState`` is data only: ids, this turn's messages, usage, flags, plain
+  JSON-able values. LangGraph's serde round-trips it after every step, and the
+  checkpoint the commit writes holds exactly these channels, so LangGraph tools
+  can read a thread and a graph can resume from it. Nothing in it grows with the
+  conversation: the log lives in L2, the hot session in L1.
+- ``TurnContext`` holds the per-run objects: the collaborators, the client's
+  event sink and cancellation (``TurnControl``), and ``TurnRun``, the live
+  objects of this run (the L1 session the facade hands out, the prompt plan, the
+  LLM stream already under way).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict
 
-from memory.context import ContextPlan
-from memory.models import SessionState, Turn, TurnStatus
+from graph.events import TurnEvent
 
-ClientEvent = dict[str, Any]
+if TYPE_CHECKING:
+    from graph.nodes import TurnDeps
+    from graph.reply import ReplyStream
+    from memory.context import ContextPlan
+    from memory.models import SessionState
+
+RetrieveMode = Literal["auto", "always", "never"]
 
 
 @dataclass(eq=False)
 class TurnControl:
     """The turn's line to its client, and the app's hand on it.
 
-    ``emit`` takes each client event (``{"event": ..., "data": {...}}``) the
-    moment a node has it: a direct call, not LangGraph's stream, whose queue
-    and per-chunk wake-ups would sit between every token and the client.
-    ``stop`` lets the app end a turn's generation (client gone, drain deadline)
-    while the graph still commits what was generated.
+    ``emit`` takes each client event the moment a node has it: a direct call,
+    not LangGraph's stream, whose queue and per-chunk wake-ups would sit between
+    every token and the client. ``stop`` lets the app end a turn's generation
+    (client gone, drain deadline) while the graph still commits what was
+    generated.
     """
 
-    emit: Callable[[ClientEvent], None]
+    emit: Callable[[TurnEvent], None]
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str | None = None
 
@@ -41,50 +55,99 @@ class TurnControl:
 
 @dataclass(frozen=True)
 class TurnInput:
+    """A turn as the app hands it to the graph (validated already)."""
+
     tenant: str
     session_id: str
     user_id: str
     message: str
     turn_id: str
-    retrieve: Literal["auto", "always", "never"] = "auto"
+    retrieve: RetrieveMode = "auto"
     # The client chose turn_id (a retry may follow): look for a stored turn first.
     client_turn_id: bool = False
 
+    def state(self) -> TurnState:
+        return {"tenant": self.tenant, "session_id": self.session_id, "user_id": self.user_id,
+                "message": self.message, "turn_id": self.turn_id, "retrieve": self.retrieve,
+                "client_turn_id": self.client_turn_id}  # fmt: skip
+
+
+@dataclass(eq=False)
+class TurnRun:
+    """The live objects of one run, made by its nodes and gone with it."""
+
+    session: SessionState | None = None
+    plan: ContextPlan | None = None
+    reply: ReplyStream | None = None
+
+    async def aclose(self) -> None:
+        """Ends what is still running when the graph stops early (an error)."""
+        if self.reply is not None:
+            with contextlib.suppress(Exception):
+                await self.reply.aclose()
+
+
+@dataclass(eq=False)
+class TurnContext:
+    """LangGraph's runtime context of a turn (``context_schema``)."""
+
+    deps: TurnDeps
+    control: TurnControl
+    # When the request arrived (perf_counter), for TTFT.
+    started: float
+    run: TurnRun = field(default_factory=TurnRun)
+
+
+def _merge(old: dict[str, float] | None, new: dict[str, float] | None) -> dict[str, float]:
+    return {**(old or {}), **(new or {})}
+
 
 class TurnState(TypedDict, total=False):
-    input: TurnInput
-    control: TurnControl
-    started: float
-    session: SessionState
+    # --- the input ---
+    tenant: str
+    session_id: str
+    user_id: str
+    message: str
+    turn_id: str
+    retrieve: RetrieveMode
+    client_turn_id: bool
+    # --- prepare ---
+    turn: int  # the index this turn gets (or retries in place)
     l1_hit: bool
     replayed: bool
-    # Index of a failed turn this request retries in place.
-    retry_of: int | None
+    retry_of: int | None  # a failed or drained turn retried in place
     need_memory: bool
-    memories: list[dict[str, Any]]
+    # --- retrieve ---
+    memories: list[dict[str, Any]]  # hits: batch_id, session_id, turns, text, score
     memory_block: str | None
-    plan: ContextPlan
-    reply: str
-    status: TurnStatus
-    error: dict[str, Any] | None
-    llm_usage: dict[str, Any]
-    ttft_ms: float | None
-    replica: str | None
-    route_moved: bool
-    committed: Turn
+    # --- agent ---
+    messages: list[dict[str, Any]]  # this turn's messages, OpenAI format
+    status: Literal["complete", "failed", "interrupted"]
+    error: dict[str, Any] | None  # {"code", "message", "retryable"}
+    usage: dict[str, Any]
+    # --- commit ---
     version: int
     archive_batch: str | None
-    timings: dict[str, float]
+    # Seconds per phase; each node adds its own.
+    timings: Annotated[dict[str, float], _merge]
 
 
 class TurnOutput(TypedDict, total=False):
     """What a run returns: what the runner and its callers read after the turn.
     (LangGraph reads the output channels after every step, so fewer is cheaper.)"""
 
-    session: SessionState
-    status: TurnStatus
-    committed: Turn
+    turn: int
+    status: str
     version: int
     archive_batch: str | None
     replayed: bool
     timings: dict[str, float]
+
+
+# Per-turn channels a new run starts from scratch: a graph resumed from a
+# checkpoint carries the previous turn's values until prepare resets them.
+PER_TURN_RESET: TurnState = {
+    "turn": 0, "l1_hit": False, "replayed": False, "retry_of": None, "need_memory": False,
+    "memories": [], "memory_block": None, "messages": [], "status": "complete",
+    "error": None, "usage": {}, "version": 0, "archive_batch": None,
+}  # fmt: skip

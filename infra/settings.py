@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     milvus_uri: str | None = None
     milvus_token: str | None = None
     milvus_collection: str = "tiermem_memories"
+    # Deadline of one Milvus call; at most milvus_workers calls hold a thread
+    # at once (a hung Milvus never takes the threads embedding needs).
+    milvus_timeout_s: float = Field(default=10.0, gt=0)
+    milvus_workers: int = Field(default=4, ge=1)
+    # Threads for CPU work off the event loop (embeddings, long tokenisations);
+    # unset: the usable cores, kept between 2 and 4.
+    cpu_workers: int | None = Field(default=None, ge=1)
 
     # --- LLM ---------------------------------------------------------------------
     # Unset: the offline development LLM (deterministic, says it is one).
@@ -118,6 +125,12 @@ class Settings(BaseSettings):
     # --- HTTP --------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
+    # A connection must deliver a request's headers within header_timeout_s of
+    # opening (or of the request's first byte on a kept-alive connection), and
+    # its whole body within body_timeout_s after them; else it gets 408 and is
+    # closed (app/limits.py). Streaming replies are not bounded by these.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
     heartbeat_s: float = 15.0
     # /readyz needs Milvus too (DESIGN.md). Chat works without Milvus (batches wait
     # in L2), so an operator may prefer pods to stay in the Service during a

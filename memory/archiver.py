@@ -25,12 +25,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from infra.llm import SUMMARIZE_SYSTEM_PROMPT, LLMClient, LLMError
+from infra.llm import ChatMessage, LLMClient, LLMError
 from memory.l2_store import L2Error, L2Store
 from memory.l3_store import L3Store, L3Unavailable, MemoryRecord, batch_id_for
 from memory.metrics import Metrics
 from memory.models import Turn
-from memory.summaries import extractive_summary, transcript
+from memory.summaries import SUMMARY_PROMPT, extractive_summary, transcript
 
 log = logging.getLogger("tiermem.archiver")
 
@@ -49,8 +49,9 @@ class ArchiveResult:
     summary: str
 
 
-# Called after the cursor moved: (tenant, session, new_version, archived_upto, summary).
-AdvanceHook = Callable[[str, str, int, int, str], None]
+# Called after the cursor moved: (tenant, session, new_version, archived_upto,
+# summary). The session facade's ``apply_archive``: L1 follows under its lock.
+AdvanceHook = Callable[[str, str, int, int, str], Awaitable[None]]
 # Test fault injection: runs after the L3 upsert, before the cursor moves.
 CrashHook = Callable[[str], Awaitable[None]]
 
@@ -216,7 +217,7 @@ class Archiver:
             return None
         self.metrics.archive_batches.labels("archived").inc()
         if self.on_advance is not None:
-            self.on_advance(tenant, session, version, last, running)
+            await self.on_advance(tenant, session, version, last, running)
         log.info(
             "batch archived",
             extra={"tenant": tenant, "session": session, "batch_id": batch_id,
@@ -225,19 +226,20 @@ class Archiver:
         return ArchiveResult(batch_id, first, last, version, running)
 
     async def _summarise(self, turns: list[Turn], session: str) -> str:
-        messages = [
-            {"role": "system", "content": SUMMARIZE_SYSTEM_PROMPT},
+        messages: list[ChatMessage] = [
+            {"role": "system", "content": SUMMARY_PROMPT},
             {"role": "user", "content": transcript(turns)},
         ]
         try:
-            text, usage = await self.llm.complete(messages, session_key=session, max_tokens=256)
+            result = await self.llm.complete(messages, session_key=session, max_tokens=256)
         except LLMError as exc:
             log.warning("summary LLM call failed; using an extractive summary: %s", exc)
             self.metrics.errors.labels("summary_llm").inc()
             return extractive_summary(turns)
+        usage = result.usage
         if usage is not None:
             self.metrics.summary_tokens.inc(usage.prompt_tokens + usage.completion_tokens)
-        return text.strip() or extractive_summary(turns)
+        return result.text.strip() or extractive_summary(turns)
 
     # --- sweeper ----------------------------------------------------------------------
     async def sweep_once(self, now: float | None = None) -> int:

@@ -47,6 +47,11 @@ class L1Pool:
     def __contains__(self, key: Key) -> bool:
         return key in self._entries
 
+    def peek(self, tenant: str, session_id: str) -> SessionState | None:
+        """The session if held, without counting a lookup or touching the LRU."""
+        entry = self._entries.get((tenant, session_id))
+        return entry.state if entry is not None else None
+
     def get(self, tenant: str, session_id: str) -> SessionState | None:
         key = (tenant, session_id)
         entry = self._entries.get(key)

@@ -24,21 +24,66 @@ if offset < 0 then offset = 0 end
 return {meta, redis.call('LRANGE', KEYS[2], offset, -1)}
 """
 
+# The one writer of the LangGraph checkpoint layout (see graph/checkpointer.py
+# for the layout): both the turn commit and the checkpointer's aput run it, so
+# the keys, TTLs and pruning of checkpoints are defined once.
+# put_checkpoint(record key, index key, namespaces key, id, record, ns, ttl,
+#                kept (0: all), record key prefix, writes key prefix)
+# Pruned keys are built from the prefixes: they carry the same hash tag, so they
+# live in the slot of the record key (Redis Cluster allows that; cross-slot it
+# refuses).
+_PUT_CHECKPOINT_FN = """
+local function put_checkpoint(rec_key, idx_key, ns_key, id, record, ns, ttl, keep, rec_pfx, w_pfx)
+  redis.call('SET', rec_key, record, 'EX', ttl)
+  redis.call('ZADD', idx_key, 0, id)
+  redis.call('EXPIRE', idx_key, ttl)
+  redis.call('SADD', ns_key, ns)
+  redis.call('EXPIRE', ns_key, ttl)
+  if keep > 0 then
+    local n = redis.call('ZCARD', idx_key)
+    if n > keep then
+      local old = redis.call('ZRANGE', idx_key, 0, n - keep - 1)
+      for _, old_id in ipairs(old) do
+        redis.call('DEL', rec_pfx .. old_id, w_pfx .. old_id)
+      end
+      redis.call('ZREMRANGEBYRANK', idx_key, 0, n - keep - 1)
+    end
+  end
+end
+"""
+
+# KEYS: record, index, namespaces.
+# ARGV: 1 checkpoint id, 2 record, 3 ns, 4 ttl, 5 checkpoints kept (0: all),
+#       6 record key prefix, 7 writes key prefix.
+PUT_CHECKPOINT = (
+    _PUT_CHECKPOINT_FN
+    + """
+put_checkpoint(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
+  tonumber(ARGV[5]), ARGV[6], ARGV[7])
+return 1
+"""
+)
+
 # KEYS: meta, log, turn idempotency key, checkpoint record, checkpoint index,
 #       checkpoint namespaces.
 # ARGV: 1 expected version, 2 turn (encoded), 3 turn index, 4 mode ("append" or
-#       "replace": a failed last turn retried in place), 5 session ttl, 6 turn
-#       record ttl, 7 checkpoint id, 8 checkpoint record, 9 checkpoint ns,
-#       10 checkpoints kept, 11 checkpoint key prefix, 12 writes key prefix,
-#       13.. meta field/value pairs.
+#       "replace": a failed or drained last turn retried in place), 5 session ttl,
+#       6 turn record ttl, 7 checkpoint id ("" for none), 8 checkpoint record,
+#       9 checkpoint ns, 10 checkpoints kept, 11 checkpoint key prefix, 12 writes
+#       key prefix, 13 the turn's user, 14.. meta field/value pairs.
 # Returns {1, new_version} or {0, current_version} on a version conflict, or
 # {-1, turn_count} when the turn index does not fit the log, or {2, index} when a
-# turn with this id is already stored (at most once, even across pods).
-COMMIT = """
+# turn with this id is already stored (at most once, even across pods), or
+# {3, 0} when the session belongs to another user (its first turn bound it).
+COMMIT = (
+    _PUT_CHECKPOINT_FN
+    + """
 if ARGV[4] == 'append' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {2, tonumber(existing)} end
 end
+local owner = redis.call('HGET', KEYS[1], 'user_id')
+if owner and owner ~= '' and owner ~= ARGV[13] then return {3, 0} end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 if cur ~= tonumber(ARGV[1]) then return {0, cur} end
 local idx = tonumber(ARGV[3])
@@ -51,30 +96,24 @@ else
   redis.call('LSET', KEYS[2], -1, ARGV[2])
 end
 local newv = cur + 1
-redis.call('HSET', KEYS[1], 'version', newv, 'turn_count', idx, 'checkpoint_id', ARGV[7])
-if #ARGV >= 14 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 13, #ARGV))
+redis.call('HSET', KEYS[1], 'version', newv, 'turn_count', idx, 'user_id', ARGV[13])
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'checkpoint_id', ARGV[7])
+end
+if #ARGV >= 15 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 14, #ARGV))
 end
 local ttl = tonumber(ARGV[5])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('SET', KEYS[3], idx, 'EX', tonumber(ARGV[6]))
-redis.call('SET', KEYS[4], ARGV[8], 'EX', ttl)
-redis.call('ZADD', KEYS[5], 0, ARGV[7])
-redis.call('EXPIRE', KEYS[5], ttl)
-redis.call('SADD', KEYS[6], ARGV[9])
-redis.call('EXPIRE', KEYS[6], ttl)
-local keep = tonumber(ARGV[10])
-local n = redis.call('ZCARD', KEYS[5])
-if n > keep then
-  local old = redis.call('ZRANGE', KEYS[5], 0, n - keep - 1)
-  for _, id in ipairs(old) do
-    redis.call('DEL', ARGV[11] .. id, ARGV[12] .. id)
-  end
-  redis.call('ZREMRANGEBYRANK', KEYS[5], 0, n - keep - 1)
+if ARGV[7] ~= '' then
+  put_checkpoint(KEYS[4], KEYS[5], KEYS[6], ARGV[7], ARGV[8], ARGV[9], ttl, tonumber(ARGV[10]),
+    ARGV[11], ARGV[12])
 end
 return {1, newv}
 """
+)
 
 # KEYS: meta, log, batch record.
 # ARGV: 1 archived_upto expected (first turn - 1), 2 last turn of the batch,

@@ -18,37 +18,61 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from langgraph.checkpoint.base import empty_checkpoint
-from langgraph.checkpoint.base.id import uuid6
 from redis.exceptions import ResponseError
 
+from infra.errors import Conflict, Unavailable
 from infra.redis_client import REDIS_ERRORS, RedisLike, scan_keys
 from memory import l2_scripts
-from memory.checkpoint_records import CheckpointRecord, encode_record
 from memory.keys import META_SCAN_PATTERN, SessionKeys, split_thread_id
+from memory.metrics import Metrics
 from memory.models import SessionState, Turn
 
 _PING_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError)
 
 
-class L2Error(Exception):
+class L2Error(Unavailable):
     """Redis could not be reached or answered with an error."""
 
+    code = "storage_unavailable"
+    default_message = "session storage unavailable; retry"
 
-class AlreadyCommitted(Exception):
+
+class AlreadyCommitted(Conflict):
     """A turn with this turn_id is already in the log."""
+
+    code = "duplicate_turn"
 
     def __init__(self, index: int) -> None:
         super().__init__(f"turn already stored as turn {index}")
         self.index = index
 
 
-class VersionConflict(Exception):
+class SessionUserMismatch(Conflict):
+    """The session belongs to another user: its first turn bound it."""
+
+    code = "session_user_mismatch"
+    default_message = "this session belongs to another user"
+
+
+class VersionConflict(Conflict):
     """Another writer committed since this state was loaded."""
+
+    code = "version_conflict"
+    retryable = True
 
     def __init__(self, current_version: int) -> None:
         super().__init__(f"session version moved to {current_version}")
         self.current_version = current_version
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointWrite:
+    """A LangGraph checkpoint record, already encoded by the checkpointer's serde
+    (graph/): L2 stores it in the commit's script without knowing its format."""
+
+    checkpoint_id: str
+    record: bytes
+    ns: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +96,6 @@ def _s(v: Any) -> str:
 
 
 class L2Store:
-    CHECKPOINT_NS = ""
-
     def __init__(
         self,
         redis: RedisLike,
@@ -82,6 +104,7 @@ class L2Store:
         turn_record_ttl_s: int,
         retrieval_cache_ttl_s: int = 300,
         checkpoints_kept: int = 2,
+        metrics: Metrics | None = None,
     ) -> None:
         self.redis = redis
         self.session_ttl_s = session_ttl_s
@@ -93,11 +116,12 @@ class L2Store:
         self._advance = redis.register_script(l2_scripts.ADVANCE)
         self._cut = redis.register_script(l2_scripts.CUT_BATCH)
         self._committed = redis.register_script(l2_scripts.COMMITTED_TURN)
-        # Round trips issued, for the benchmarks and the L1-hit test.
-        self.round_trips = 0
+        # Round trips to Redis are what an L1 hit saves: counted as a metric
+        # (tiermem_l2_round_trips_total), which the benchmarks and tests read.
+        self._round_trips = (metrics or Metrics()).l2_round_trips
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        self.round_trips += 1
+        self._round_trips.inc()
         try:
             return await script(keys=keys, args=args)
         except REDIS_ERRORS as exc:
@@ -126,7 +150,7 @@ class L2Store:
     async def read_meta(self, tenant: str, session_id: str) -> SessionState | None:
         """The session's meta without its turns."""
         k = SessionKeys(tenant, session_id)
-        self.round_trips += 1
+        self._round_trips.inc()
         try:
             flat = await self.redis.hgetall(k.meta)
         except REDIS_ERRORS as exc:
@@ -142,49 +166,38 @@ class L2Store:
         *,
         replace_last: bool = False,
         meta_updates: dict[str, str] | None = None,
+        checkpoint: CheckpointWrite | None = None,
+        user_id: str,
     ) -> int:
-        """Append ``turn`` (or replace a failed last turn) and bump the version,
-        if L2 is still at ``state.version``. Returns the new version; raises
-        VersionConflict otherwise. Also writes the thread's LangGraph checkpoint
-        in the same script, so LangGraph tooling sees every turn."""
+        """Append ``turn`` (or replace the last turn, retried in place) and bump the
+        version, if L2 is still at ``state.version``. Returns the new version;
+        raises VersionConflict otherwise. ``checkpoint`` is written in the same
+        script (``l2_scripts.PUT_CHECKPOINT``'s function), so LangGraph tooling
+        sees every turn at no extra round trip."""
         k = SessionKeys(state.tenant, state.session_id)
-        ns = self.CHECKPOINT_NS
-        checkpoint_id = str(uuid6(clock_seq=turn.index))
-        new_version = state.version + 1
-        values = state.checkpoint_values() | {"version": new_version, "turn_count": turn.index}
-        checkpoint = empty_checkpoint()
-        checkpoint["id"] = checkpoint_id
-        checkpoint["ts"] = _iso(turn.created_at)
-        checkpoint["channel_values"] = values
-        # LangGraph compares channel versions as strings: use its zero-padded form.
-        checkpoint["channel_versions"] = {name: f"{new_version:032}.{0.0:016}" for name in values}
-        record = encode_record(
-            CheckpointRecord(
-                checkpoint_id=checkpoint_id,
-                parent_id=state.checkpoint_id or None,
-                checkpoint=dict(checkpoint),
-                metadata={"source": "update", "step": new_version, "turn": turn.index},
-            )
-        )
+        ns = checkpoint.ns if checkpoint is not None else ""
         fields: list[str] = []
         for name, field_value in (meta_updates or {}).items():
             fields += [name, field_value]
         result = await self._run(
             self._commit,
-            [k.meta, k.log, k.turn(turn.turn_id), k.cp(ns, checkpoint_id), k.cp_index(ns),
-             k.cp_namespaces],
+            [k.meta, k.log, k.turn(turn.turn_id), k.cp(ns, checkpoint.checkpoint_id if checkpoint
+             else "none"), k.cp_index(ns), k.cp_namespaces],
             [state.version, turn.encode(), turn.index, "replace" if replace_last else "append",
-             self.session_ttl_s, self.turn_record_ttl_s, checkpoint_id, record, ns,
-             self.checkpoints_kept, f"{k.base}:cp:{ns}:", f"{k.base}:cpw:{ns}:", *fields],
+             self.session_ttl_s, self.turn_record_ttl_s,
+             checkpoint.checkpoint_id if checkpoint else "", checkpoint.record if checkpoint
+             else b"", ns, self.checkpoints_kept, k.cp(ns, ""), k.cp_writes(ns, ""), user_id,
+             *fields],
         )  # fmt: skip
         ok, value = int(result[0]), int(result[1])
         if ok == 1:
-            state.checkpoint_id = checkpoint_id
             return value
         if ok == 0:
             raise VersionConflict(value)
         if ok == 2:
             raise AlreadyCommitted(value)
+        if ok == 3:
+            raise SessionUserMismatch()
         # The log does not end where this state thinks: treat as a conflict.
         raise VersionConflict(-1)
 
@@ -201,7 +214,7 @@ class L2Store:
         self, tenant: str, session_id: str, first: int, last: int, log_base: int
     ) -> list[Turn]:
         k = SessionKeys(tenant, session_id)
-        self.round_trips += 1
+        self._round_trips.inc()
         try:
             raw = await self.redis.lrange(k.log, first - log_base, last - log_base)
         except REDIS_ERRORS as exc:
@@ -334,7 +347,7 @@ class L2Store:
         self, tenant: str, session_id: str, user_id: str, query: str, k: int, generation: str
     ) -> list[dict[str, Any]] | None:
         keys = SessionKeys(tenant, session_id)
-        self.round_trips += 1
+        self._round_trips.inc()
         try:
             raw = await self.redis.hget(
                 keys.rcache, self._cache_field(user_id, query, k, generation)
@@ -355,7 +368,7 @@ class L2Store:
     ) -> None:
         keys = SessionKeys(tenant, session_id)
         field = self._cache_field(user_id, query, k, generation)
-        self.round_trips += 1
+        self._round_trips.inc()
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(keys.rcache, field, orjson.dumps(hits))
@@ -380,12 +393,6 @@ def _batch(batch_id: str, flat: list[Any]) -> BatchRecord | None:
     )
 
 
-def _iso(ts: float) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ts or time.time(), UTC).isoformat()
-
-
 def _glob_escape(s: str) -> str:
     out = []
     for ch in s:
@@ -403,8 +410,10 @@ def new_turn_id() -> str:
 __all__ = [
     "AlreadyCommitted",
     "BatchRecord",
+    "CheckpointWrite",
     "L2Error",
     "L2Store",
+    "SessionUserMismatch",
     "VersionConflict",
     "new_turn_id",
 ]

@@ -85,4 +85,7 @@ class Metrics:
         self.retrievals = Counter(
             "tiermem_retrievals", "L3 retrievals, by source", ["source"], registry=r
         )
+        self.l2_round_trips = Counter(
+            "tiermem_l2_round_trips", "Round trips to Redis made by the L2 store", registry=r
+        )
         self.errors = Counter("tiermem_errors", "Errors, by kind", ["kind"], registry=r)

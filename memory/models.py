@@ -12,17 +12,35 @@ from typing import Any, Literal
 
 import orjson
 
-SCHEMA_VERSION = 1
+# Turn records: v1 held one user string and one assistant string; v2 holds the
+# turn's OpenAI-format messages. Session meta: v1 and v2 have the same fields.
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = ("1", "2")
 
 TurnStatus = Literal["complete", "failed", "interrupted"]
+
+# One OpenAI-format chat message: {"role": "user"|"assistant"|"tool"|"system",
+# "content": str | None, "tool_calls": [...], "tool_call_id": str, "name": str}.
+# Plain dicts: they are stored, checkpointed and sent to the LLM as they are.
+Message = dict[str, Any]
+
+
+def _v1_messages(user: str, assistant: str, status: str) -> list[Message]:
+    msgs: list[Message] = [{"role": "user", "content": user}]
+    # A failed v1 turn stored an empty reply: it never had an assistant message.
+    if status != "failed" or assistant:
+        msgs.append({"role": "assistant", "content": assistant})
+    return msgs
 
 
 @dataclass(slots=True)
 class Turn:
+    """One turn: the user's message, then the assistant's messages (with any
+    ``tool_calls``) and the ``tool`` results between them, in order."""
+
     index: int  # 1-based position in the session
     turn_id: str
-    user: str
-    assistant: str
+    messages: list[Message]
     status: TurnStatus = "complete"
     # The memory block retrieved for this turn, rendered exactly as it was sent:
     # appended at the turn that used it, so earlier prompt tokens never move.
@@ -32,6 +50,36 @@ class Turn:
     # Prompt tokens of this turn's messages, counted once at commit and stored,
     # so a session reloaded on an L1 miss is not tokenised again.
     n_tokens: int = -1
+    # The hits that made ``memories`` (batch ids, turn ranges, text, score): what
+    # a replay sends as its ``memory`` event.
+    memory_hits: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def of_text(cls, index: int, turn_id: str, user: str, assistant: str, **kw: Any) -> Turn:
+        """A plain turn: one user message and one text reply."""
+        return cls(index, turn_id, _v1_messages(user, assistant, kw.get("status", "complete")),
+                   **kw)  # fmt: skip
+
+    @property
+    def user(self) -> str:
+        """The user's message of the turn."""
+        for m in self.messages:
+            if m.get("role") == "user":
+                return str(m.get("content") or "")
+        return ""
+
+    @property
+    def assistant(self) -> str:
+        """The assistant's text of the turn (all its text messages, in order)."""
+        return "\n".join(
+            str(m["content"])
+            for m in self.messages
+            if m.get("role") == "assistant" and m.get("content")
+        )
+
+    @property
+    def tool_messages(self) -> list[Message]:
+        return [m for m in self.messages if m.get("role") == "tool"]
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -39,10 +87,10 @@ class Turn:
                 "v": SCHEMA_VERSION,
                 "i": self.index,
                 "id": self.turn_id,
-                "u": self.user,
-                "a": self.assistant,
+                "msgs": self.messages,
                 "s": self.status,
                 "m": self.memories,
+                "mh": self.memory_hits,
                 "t": self.created_at,
                 "usage": self.usage,
                 "n": self.n_tokens,
@@ -51,23 +99,34 @@ class Turn:
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Turn:
+        """Reads every schema version ever written (v1: user/assistant strings)."""
         d = orjson.loads(raw)
-        if d.get("v") != SCHEMA_VERSION:
-            raise ValueError(f"unknown turn schema version {d.get('v')!r}")
+        v = d.get("v")
+        if v == 2:
+            messages = list(d["msgs"])
+        elif v == 1:
+            messages = _v1_messages(d["u"], d["a"], d["s"])
+        else:
+            raise ValueError(f"unknown turn schema version {v!r}")
         return cls(
             index=int(d["i"]),
             turn_id=d["id"],
-            user=d["u"],
-            assistant=d["a"],
+            messages=messages,
             status=d["s"],
             memories=d.get("m"),
             created_at=float(d.get("t") or 0.0),
             usage=d.get("usage"),
             n_tokens=int(d.get("n", -1)),
+            memory_hits=d.get("mh"),
         )
 
     def approx_bytes(self) -> int:
-        return 96 + len(self.user) + len(self.assistant) + len(self.memories or "")
+        # The object graph in CPython: the dataclass, each message dict and its
+        # strings (about 50 bytes of header each) plus the text itself.
+        size = 200 + len(self.memories or "")
+        for m in self.messages:
+            size += 232 + sum(len(str(v)) + 50 for v in m.values())
+        return size
 
 
 @dataclass(slots=True)
@@ -143,7 +202,7 @@ class SessionState:
 
     @classmethod
     def from_meta(cls, tenant: str, session_id: str, meta: dict[str, str]) -> SessionState:
-        if meta and meta.get("schema", str(SCHEMA_VERSION)) != str(SCHEMA_VERSION):
+        if meta and meta.get("schema", str(SCHEMA_VERSION)) not in READABLE_SCHEMAS:
             raise ValueError(f"unknown session schema version {meta.get('schema')!r}")
 
         def i(name: str, default: int = 0) -> int:

@@ -17,6 +17,7 @@ import httpx
 import orjson
 import uvicorn
 
+from app.limits import http_protocol
 from app.main import create_app
 from app.services import Services
 from infra.settings import Settings
@@ -48,7 +49,7 @@ class AppServer:
         self.port = free_port()
         app = create_app(settings, self.services)
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, loop="asyncio", http="httptools",
+            app, host="127.0.0.1", port=self.port, loop="asyncio", http=http_protocol(settings),
             lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=10,
         )  # fmt: skip
         self.server = uvicorn.Server(config)
@@ -126,6 +127,12 @@ class ServeProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+
+
+def l2_round_trips(services: Services) -> int:
+    """Round trips the app's L2 store made so far (its Prometheus counter)."""
+    value = services.metrics.registry.get_sample_value("tiermem_l2_round_trips_total")
+    return int(value or 0)
 
 
 @dataclass

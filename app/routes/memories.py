@@ -7,10 +7,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 
 from app.deps import ServicesDep, TenantDep
-from app.errors import ApiError
 from graph.guard import check_message
 from memory.keys import ID_PATTERN
-from memory.l3_store import L3Unavailable
 
 router = APIRouter()
 
@@ -24,10 +22,8 @@ async def search_memories(
     k: Annotated[int, Query(ge=1, le=50)] = 5,
 ) -> Any:
     check_message(query, services.settings.max_message_chars)
-    try:
-        hits = await services.l3.search(tenant, user_id, query, k)
-    except L3Unavailable as exc:
-        raise ApiError(503, "memory_unavailable", "long-term memory unavailable") from exc
+    # L3Unavailable is a 503 memory_unavailable (app/errors.py).
+    hits = await services.l3.search(tenant, user_id, query, k)
     return {
         "user_id": user_id,
         "memories": [

@@ -6,10 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.deps import ServicesDep, TenantDep
+from app.deps import ServicesDep, SessionId, TenantDep
 from app.errors import ApiError
-from app.routes.turns import SessionId
-from memory.l2_store import L2Error
 
 router = APIRouter()
 
@@ -18,10 +16,8 @@ router = APIRouter()
 async def get_session(session_id: SessionId, tenant: TenantDep, services: ServicesDep) -> Any:
     """The session as stored in L2: counters, version, running summary and the
     unarchived turns."""
-    try:
-        state = await services.l2.load(tenant, session_id, scope="unarchived")
-    except L2Error as exc:
-        raise ApiError(503, "storage_unavailable", "session storage unavailable") from exc
+    # An L2Error is a 503 storage_unavailable (app/errors.py).
+    state = await services.l2.load(tenant, session_id, scope="unarchived")
     if state is None:
         raise ApiError(404, "session_not_found", f"no session {session_id!r}")
     unarchived = [t for t in state.turns if t.index > state.archived_upto]
@@ -42,6 +38,10 @@ async def get_session(session_id: SessionId, tenant: TenantDep, services: Servic
             {
                 "turn": t.index,
                 "turn_id": t.turn_id,
+                # The turn as stored: user message, assistant messages (with
+                # any tool_calls) and tool results, in OpenAI format.
+                "messages": t.messages,
+                # Shorthands of the above: the user's message, the reply text.
                 "user": t.user,
                 "assistant": t.assistant,
                 "status": t.status,

@@ -18,29 +18,27 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path
+from fastapi import APIRouter, Header
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
-from app.deps import RateLimiterDep, ServicesDep, TenantDep
-from app.errors import ApiError
+from app.deps import RateLimiterDep, ServicesDep, SessionId, TenantDep
+from app.errors import ApiError, sse_error
 from app.logging_setup import session_var, tenant_var
-from app.ratelimit import RateLimited, RateLimiter, RateLimitUnavailable, StreamLease
+from app.ratelimit import RateLimiter, StreamLease
 from app.services import Services
 from app.sse import event_stream, relay
-from graph.guard import InputRejected, check_message
-from graph.nodes import StorageUnavailable
+from graph.events import TurnEvent
+from graph.guard import check_message
 from graph.state import TurnControl, TurnInput
+from infra.errors import TiermemError
 from memory.keys import ID_PATTERN, InvalidId, validate_id
 
 log = logging.getLogger("tiermem.turns")
 
 router = APIRouter()
-
-SessionId = Annotated[str, Path(pattern=ID_PATTERN, description="[A-Za-z0-9._-]{1,128}")]
 
 
 class TurnRequest(BaseModel):
@@ -128,36 +126,31 @@ async def post_turn(
         retrieve=body.retrieve,
         client_turn_id=turn_id is not None,
     )
+    # A session belongs to the user of its first turn: another user's turn is a
+    # 409 session_user_mismatch here, before the stream starts (free on an L1
+    # hit; on a miss this is the turn's one load).
+    await services.sessions.check_owner(tenant, session_id, body.user_id)
     lease = await _admit(limiter, tenant)
     tenant_var.set(tenant)
     session_var.set(session_id)
-    response = event_stream(_stream(services, inp, started, lease))
-    if lease is not None:
-        # If the stream never starts (the client left first), no task will
-        # hold the slot: give it back now rather than when its lease expires.
-        response.background = BackgroundTask(lease.release_if_unclaimed)
-    return response
+    # The turn starts now, not when Starlette starts iterating the response:
+    # its LLM request then goes out while the response headers are being sent.
+    queue, control, task = _start_turn(services, inp, started, lease)
+    return event_stream(_stream(services, inp, queue, control, task))
 
 
 async def _admit(limiter: RateLimiter | None, tenant: str) -> StreamLease | None:
-    if limiter is None:
-        return None
-    try:
-        return await limiter.admit(tenant)
-    except RateLimited as exc:
-        code = "rate_limited" if exc.limit == "turns_per_minute" else "too_many_streams"
-        raise ApiError(429, code, exc.message, {"Retry-After": str(exc.retry_after_s)}) from exc
-    except RateLimitUnavailable as exc:
-        raise ApiError(
-            503, "rate_limit_unavailable", "rate limits cannot be checked now; retry",
-            {"Retry-After": "1"},
-        ) from exc  # fmt: skip
+    # RateLimited (429) and RateLimitUnavailable (503) carry their codes and
+    # Retry-After: app/errors.py turns them into the response.
+    return None if limiter is None else await limiter.admit(tenant)
 
 
-async def _stream(
-    services: Services, inp: TurnInput, started: float, lease: StreamLease | None = None
-) -> AsyncIterator[bytes]:
-    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+def _start_turn(
+    services: Services, inp: TurnInput, started: float, lease: StreamLease | None
+) -> tuple[asyncio.Queue[TurnEvent | None], TurnControl, asyncio.Task[None]]:
+    """The turn's task, decoupled from the HTTP response: it commits what was
+    generated even when the client is gone."""
+    queue: asyncio.Queue[TurnEvent | None] = asyncio.Queue()
     control = TurnControl(emit=queue.put_nowait)
     services.controls.add(control)
     if lease is not None:
@@ -172,6 +165,16 @@ async def _stream(
         services.refresh_gauges()
 
     task.add_done_callback(_finished)
+    return queue, control, task
+
+
+async def _stream(
+    services: Services,
+    inp: TurnInput,
+    queue: asyncio.Queue[TurnEvent | None],
+    control: TurnControl,
+    task: asyncio.Task[None],
+) -> AsyncIterator[bytes]:
     try:
         async for chunk in relay(queue, inp.turn_id, services.settings.heartbeat_s):
             yield chunk
@@ -187,7 +190,7 @@ async def _produce_holding(
     services: Services,
     inp: TurnInput,
     control: TurnControl,
-    queue: asyncio.Queue[dict[str, Any] | None],
+    queue: asyncio.Queue[TurnEvent | None],
     started: float,
 ) -> None:
     """The turn, holding its stream slot (if streams are limited) until it has
@@ -203,27 +206,20 @@ async def _produce(
     services: Services,
     inp: TurnInput,
     control: TurnControl,
-    queue: asyncio.Queue[dict[str, Any] | None],
+    queue: asyncio.Queue[TurnEvent | None],
     started: float,
 ) -> None:
     try:
         await services.runner.run(inp, control, started)
-    except InputRejected as exc:
-        queue.put_nowait(_error(exc.code, exc.message, retryable=False))
-    except StorageUnavailable as exc:
-        services.metrics.errors.labels("storage").inc()
-        log.error("turn not stored: Redis unavailable: %s", exc)
-        queue.put_nowait(
-            _error("storage_unavailable", "session storage unavailable; retry", retryable=True)
-        )
-    except Exception:
+    except TiermemError as exc:
+        # Bad input the app let through, Redis past the commit deadline...: the
+        # stream ends with the error's own code and retry hint.
+        services.metrics.errors.labels(exc.code).inc()
+        log.error("turn not stored: %s: %s", exc.code, exc.message)
+        queue.put_nowait(sse_error(exc, turn_id=inp.turn_id))
+    except Exception as exc:
         services.metrics.errors.labels("internal").inc()
         log.exception("turn failed")
-        queue.put_nowait(_error("internal_error", "internal error; retry", retryable=True))
+        queue.put_nowait(sse_error(exc, turn_id=inp.turn_id))
     finally:
         queue.put_nowait(None)
-
-
-def _error(code: str, message: str, *, retryable: bool) -> dict[str, Any]:
-    return {"event": "error", "data": {"error": {"code": code, "message": message},
-                                       "retry": retryable}}  # fmt: skip

@@ -114,5 +114,49 @@ async def test_drain_deadline_ends_streams_with_retryable_error(
         events, _ = parse_sse(lines)
         final = events[-1]
         assert final.event == "error"
-        assert final.data["retry"] is True
+        # One error shape everywhere: {"error": {code, message}, "retryable"}.
+        assert final.data["retryable"] is True and "retry" not in final.data
+        assert final.data["error"]["code"] == "draining"
         assert final.data["status"] == "interrupted"  # stored, marked, retryable
+
+
+async def test_a_turn_cut_by_the_drain_completes_in_place_on_retry(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The drain told these clients to retry: the same turn runs again in place
+    (same index, complete), on a fresh process. (A turn the client walked away
+    from is replayed as stored instead: tests/e2e/test_turn_paths.py.)"""
+    results, rc, _took, _checks = await _drain(
+        tmp_path, redis_url, drain_s=1.0, token_interval_s=0.1, reply_tokens=400
+    )
+    assert rc == 0
+    cut = []
+    for lines in results:
+        events, _ = parse_sse(lines)
+        meta, final = events[0], events[-1]
+        assert final.event == "error" and final.data["interrupted_by"] == "drain"
+        cut.append((meta.data["session_id"], meta.data["turn_id"], final.data["turn"], final.id))
+    llm = FakeVLLM(token_interval_s=0.0, reply_tokens=5).start()
+    proc = ServeProcess(_env(tmp_path, redis_url, llm, 20), tmp_path / "serve2.log").start()
+    try:
+        async with httpx.AsyncClient(timeout=60) as c:
+            for session, turn_id, index, last_id in cut[:10]:
+                async with c.stream(
+                    "POST",
+                    f"{proc.url}/v1/sessions/{session}/turns",
+                    json={"user_id": "u1", "message": "tell me a story"},
+                    headers={"Last-Event-ID": last_id},
+                ) as r:
+                    lines = [line async for line in r.aiter_lines()]
+                events, _ = parse_sse(lines)
+                done = events[-1]
+                assert done.event == "done", lines
+                assert done.data["turn"] == index and done.data["status"] == "complete"
+                assert not done.data.get("replayed")
+                assert events[0].data["turn_id"] == turn_id
+                state = (await c.get(f"{proc.url}/v1/sessions/{session}")).json()
+                assert state["turn_count"] == index
+                assert state["unarchived_turns"][-1]["status"] == "complete"
+    finally:
+        proc.terminate()
+        llm.stop()

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from memory.l3_store import batch_id_for
-from tests.harness import AppServer, make_settings, post_turn
+from tests.harness import AppServer, l2_round_trips, make_settings, post_turn
 
 TENANT = "default"  # auth off in these tests: the default tenant
 
@@ -68,17 +68,16 @@ async def test_l1_hit_is_one_redis_round_trip(tmp_path: Path, any_redis_url: str
     session = sid()
     async with AppServer(settings) as srv, httpx.AsyncClient(timeout=30) as c:
         await post_turn(c, srv.url, session, "first")
-        l2 = srv.services.l2
-        before = l2.round_trips
+        before = l2_round_trips(srv.services)
         r = await post_turn(c, srv.url, session, "second")
         assert r.events[0].data["l1_hit"] is True
-        assert l2.round_trips - before == 1
+        assert l2_round_trips(srv.services) - before == 1
         # A miss costs one round trip more (the load), not more than that.
         await c.post(f"{srv.url}/v1/sessions/{session}/release")
-        before = l2.round_trips
+        before = l2_round_trips(srv.services)
         r = await post_turn(c, srv.url, session, "third")
         assert r.events[0].data["l1_hit"] is False
-        assert l2.round_trips - before == 2
+        assert l2_round_trips(srv.services) - before == 2
         assert r.done["turn"] == 3
 
 

@@ -125,7 +125,8 @@ async def test_llm_error_commits_user_message_and_retry_completes_in_place(
         r = await post_turn(c, app.url, session, "second question", turn_id="retry-me")
         assert r.final.event == "error"
         err = r.final.data
-        assert err["status"] == "failed" and err["error"]["retryable"] is True
+        assert err["status"] == "failed" and err["retryable"] is True
+        assert set(err["error"]) == {"code", "message"}
         assert err["error"]["code"].startswith("llm_")
         state = (await c.get(f"{app.url}/v1/sessions/{session}")).json()
         assert state["turn_count"] == 2

@@ -212,7 +212,7 @@ class TurnWorkload:
         if ev.event == "error":
             a.code = err.get("code")
             # Storage and internal errors say ``retry``; LLM errors say error.retryable.
-            a.retryable = bool(ev.data.get("retry") or err.get("retryable"))
+            a.retryable = bool(ev.data.get("retryable"))
             a.detail = str(err.get("message", ""))
 
     # --- views ----------------------------------------------------------------------

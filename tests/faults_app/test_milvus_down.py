@@ -36,7 +36,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from infra.embeddings import HashingEmbedder
-from infra.llm import SUMMARIZE_SYSTEM_PROMPT
 from infra.milvus import AsyncMilvus
 from infra.settings import Settings
 from memory.archiver import BACKOFF_BASE_S
@@ -44,6 +43,7 @@ from memory.keys import SessionKeys
 from memory.l2_store import BatchRecord
 from memory.l3_store import L3Store, MemoryRecord, batch_id_for
 from memory.models import SessionState
+from memory.summaries import SUMMARY_PROMPT as SUMMARIZE_SYSTEM_PROMPT
 from tests.fault_report import report_fault
 from tests.harness import AppServer, TurnResult, make_settings, post_turn
 from tests.servers.fake_vllm import FakeVLLM

@@ -100,6 +100,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 f.write(line + "\n")
 
 
+def _invalid_utf8(body: bytes) -> bool:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def _in_namespace(key: bytes, tenant: str) -> bool:
     return key.startswith(f"tm:{{{tenant}:".encode()) or key.startswith(
         f"tm:rl:{{{tenant}}}:".encode()
@@ -206,7 +214,10 @@ bad_body = st.one_of(
         st.binary(max_size=20).filter(lambda x: b'"' not in x and b"\\" not in x),
         st.sampled_from([b"\xff", b"\xfe\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80",
                          b"\xe2\x82", b"\x80"]),
-        st.binary(max_size=20).filter(lambda x: b'"' not in x and b"\\" not in x))),
+        st.binary(max_size=20).filter(lambda x: b'"' not in x and b"\\" not in x),
+    # The random bytes around the bad sequence can complete it (b"\xe2\x82" then
+    # b"\x80..." is U+2080): keep only bodies that really are invalid UTF-8.
+    ).filter(_invalid_utf8)),
     st.tuples(st.just("raw_nul"), st.builds(
         lambda a: b'{"user_id":"u1","message":"' + a + b'\x00"}', st.binary(max_size=10))),
     st.tuples(st.just("garbage"), st.binary(min_size=0, max_size=200).filter(

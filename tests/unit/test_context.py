@@ -113,7 +113,7 @@ def commit(
     status: TurnStatus = "complete",
 ) -> Turn:
     """Applies a finished turn to the session as the commit node does in L1."""
-    turn = Turn(
+    turn = Turn.of_text(
         index=state.turn_count + 1,
         turn_id=f"{state.session_id}-turn-{state.turn_count + 1}",
         user=message,
@@ -516,8 +516,8 @@ def test_turn_token_counts_are_not_shared_between_sessions(
     builder: ContextBuilder, tok: Tokenizer
 ) -> None:
     short, long = new_state("a"), new_state("b")
-    short.turns = [Turn(1, "turn-1", "hi", "hello")]
-    long.turns = [Turn(1, "turn-1", "a much longer question " * 20, "a long answer " * 40)]
+    short.turns = [Turn.of_text(1, "turn-1", "hi", "hello")]
+    long.turns = [Turn.of_text(1, "turn-1", "a much longer question " * 20, "a long answer " * 40)]
     short.turn_count = long.turn_count = 1
     builder.plan(short, "next", None)
     plan = builder.plan(long, "next", None)

@@ -6,7 +6,7 @@ from memory.models import SessionState, Turn
 
 
 def test_turn_round_trips_with_its_token_count() -> None:
-    t = Turn(
+    t = Turn.of_text(
         index=3,
         turn_id="abc",
         user="hi",

@@ -1,30 +1,30 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from app.sse import HEARTBEAT, frame, relay
+from graph.events import Done, Meta, Token, TurnEvent
 
 
-async def collect(items: list[dict[str, Any] | None], heartbeat_s: float = 5.0) -> list[bytes]:
-    q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+async def collect(items: list[TurnEvent | None], heartbeat_s: float = 5.0) -> list[bytes]:
+    q: asyncio.Queue[TurnEvent | None] = asyncio.Queue()
     for it in items:
         q.put_nowait(it)
     return [chunk async for chunk in relay(q, "t1", heartbeat_s)]
 
 
-def tok(text: str) -> dict[str, Any]:
-    return {"event": "token", "data": {"text": text}}
+def tok(text: str) -> Token:
+    return Token(text)
 
 
 async def test_queued_tokens_are_coalesced_and_order_kept() -> None:
-    meta = {"event": "meta", "data": {"turn": 1}}
-    done = {"event": "done", "data": {"turn": 1}}
+    meta = Meta("t1", "s1", 1, l1_hit=False, dev_llm=True)
+    done = Done("t1", 1, "complete", {})
     out = await collect([meta, tok("a"), tok("b"), tok("c"), done, None])
     assert out == [
-        frame("t1:0", "meta", {"turn": 1}),
+        frame("t1:0", "meta", meta.data()),
         frame("t1:1", "token", {"text": "abc"}),
-        frame("t1:2", "done", {"turn": 1}),
+        frame("t1:2", "done", done.data()),
     ]
 
 
@@ -34,7 +34,7 @@ async def test_tokens_then_end_of_stream() -> None:
 
 
 async def test_heartbeat_while_idle() -> None:
-    q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    q: asyncio.Queue[TurnEvent | None] = asyncio.Queue()
     gen = relay(q, "t1", 0.05)
     assert await anext(gen) == HEARTBEAT
     q.put_nowait(tok("z"))

@@ -5,7 +5,7 @@ from memory.summaries import NOTES_HEADER, context_summary, extractive_summary, 
 
 
 def turn(i: int, user: str = "", assistant: str = "ok.") -> Turn:
-    return Turn(
+    return Turn.of_text(
         index=i, turn_id=f"t{i}", user=user or f"Question {i}. More text.", assistant=assistant
     )
 

@@ -1,0 +1,113 @@
+"""The events a turn sends its client, as typed objects.
+
+Nodes create these and hand them to the turn's sink (``TurnControl.emit``); only
+``app/sse.py`` turns them into bytes (SSE frames), and only there do field names
+become a wire format. Each event knows its SSE ``name`` and its ``data()``, the
+JSON object the client reads.
+
+The order of one turn: ``meta``, then ``memory`` (when long-term memory was used),
+``token``..., then ``done`` or ``error``. ``tool_call``, ``tool_result`` and
+``skill`` will sit between ``meta`` and ``done`` once tools and skills exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    name: ClassVar[str] = "meta"
+    turn_id: str
+    session_id: str
+    turn: int
+    l1_hit: bool | None = None
+    dev_llm: bool | None = None
+    replayed: bool = False
+
+    def data(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"turn_id": self.turn_id, "session_id": self.session_id,
+                             "turn": self.turn}  # fmt: skip
+        if self.replayed:
+            d["replayed"] = True
+        else:
+            d["l1_hit"] = self.l1_hit
+            d["dev_llm"] = self.dev_llm
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    name: ClassVar[str] = "token"
+    text: str
+
+    def data(self) -> dict[str, Any]:
+        return {"text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """Long-term memories the turn used. One shape wherever they come from:
+    ``source`` is ``l3`` (searched now), ``cache`` (the L2 retrieval cache) or
+    ``replay`` (a stored turn sent again); ``memories`` are the hits, each
+    ``{batch_id, session_id, first_turn, last_turn, text, score}``."""
+
+    name: ClassVar[str] = "memory"
+    source: str
+    memories: list[dict[str, Any]]
+
+    def data(self) -> dict[str, Any]:
+        return {"source": self.source, "memories": self.memories}
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The turn is stored (or was already: ``status`` ``duplicate``, or a replay)."""
+
+    name: ClassVar[str] = "done"
+    turn_id: str
+    turn: int
+    status: str
+    usage: dict[str, Any]
+    version: int | None = None
+    replayed: bool = False
+    interrupted_by: str | None = None
+    # An LLM that failed after some text: the turn is stored, interrupted.
+    error: dict[str, Any] | None = None
+
+    def data(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"turn_id": self.turn_id, "turn": self.turn, "status": self.status,
+                             "usage": self.usage}  # fmt: skip
+        if self.version is not None:
+            d["version"] = self.version
+        if self.replayed:
+            d["replayed"] = True
+        if self.interrupted_by:
+            d["interrupted_by"] = self.interrupted_by
+        if self.error:
+            d["error"] = {"code": self.error["code"], "message": self.error["message"]}
+            d["retryable"] = bool(self.error.get("retryable"))
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """The turn did not complete. Always ``{"error": {"code", "message"},
+    "retryable"}``, plus the turn fields it has (a turn that failed after the
+    LLM was called is stored: its ``turn_id``, ``turn``, ``status``, ``usage``)."""
+
+    name: ClassVar[str] = "error"
+    code: str
+    message: str
+    retryable: bool
+    turn: dict[str, Any] = field(default_factory=dict)
+
+    def data(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message},
+                "retryable": self.retryable, **self.turn}  # fmt: skip
+
+
+TurnEvent = Meta | Token | Memory | Done | Error
+
+__all__ = ["Done", "Error", "Memory", "Meta", "Token", "TurnEvent"]
