@@ -29,6 +29,7 @@ from memory.context import (
     user_content,
 )
 from memory.models import SessionState, Turn, TurnStatus
+from memory.summaries import extractive_summary, transcript
 from tests.servers.fake_vllm import PrefixCacheSimulator
 
 SYSTEM = (
@@ -581,3 +582,52 @@ def test_a_summary_is_tokenised_once_across_turns(prefix: StablePrefix, tok: Tok
     new_msg = builder.summary_messages(other.context_summary)[0]["content"]
     assert sum(new_msg in text for text in counting.counted) == 1
     assert plan.prompt_tokens == tok.count(plan.prompt_text)
+
+
+def _tool_turn(index: int) -> Turn:
+    """A v2 turn with every role: the user, an assistant tool call, its result,
+    then the assistant's answer."""
+    fn = {"name": "lookup_order", "arguments": '{"order_id": "B-1234"}'}
+    call = {"id": f"call_{index}", "type": "function", "function": fn}
+    return Turn(
+        index=index, turn_id=f"tool-{index}",
+        messages=[
+            {"role": "user", "content": "where is my order B-1234?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"call_{index}", "content": '{"status": "shipped"}'},
+            {"role": "assistant", "content": "It shipped yesterday."},
+        ],
+    )  # fmt: skip
+
+
+def test_turns_with_tool_calls_render_count_and_extend_the_prefix(
+    builder: ContextBuilder, tok: Tokenizer
+) -> None:
+    state = new_state()
+    turn = _tool_turn(1)
+    state.turns = [turn]
+    state.turn_count = 1
+    state.version = 1
+    plan = builder.plan(state, "thanks, and the invoice?", None)
+    roles = [m["role"] for m in plan.messages]
+    assert roles == ["system", "user", "assistant", "tool", "assistant", "user"]
+    # The tool call is in the rendered prompt, and in the token count.
+    assert '"name":"lookup_order"' in plan.prompt_text
+    assert builder.turn_tokens(turn) == sum(
+        tok.count(render_chat([m])) for m in builder.turn_messages(turn)
+    )
+    assert builder.turn_tokens(turn) > builder.turn_tokens(Turn.of_text(1, "x", turn.user, ""))
+    # Stored turns render the same every time: the new prompt extends what an
+    # L1 miss would have rendered as the previous prompt + reply.
+    account = plan.account
+    assert account.reason is None and account.first_diff_token is None
+    assert plan.prompt_text.startswith(builder.rendered_history(state))
+
+
+def test_transcripts_and_summaries_carry_every_role() -> None:
+    text = transcript([_tool_turn(3)])
+    assert "[turn 3] user: where is my order B-1234?" in text
+    assert '[turn 3] assistant called lookup_order({"order_id": "B-1234"})' in text
+    assert '[turn 3] tool result: {"status": "shipped"}' in text
+    assert "[turn 3] assistant: It shipped yesterday." in text
+    assert extractive_summary([_tool_turn(3)]) == "turn 3: where is my order B-1234?"
