@@ -295,10 +295,11 @@ async def _start_reply(
     ctx.run.plan = plan
     plan_s = _since(t0)
     messages = cast("list[ChatMessage]", plan.messages)
-    ctx.run.reply = ReplyStream(
+    ctx.run.reply = reply = ReplyStream(
         d.llm, messages, session_key=f"{state['tenant']}:{state['session_id']}",
         control=ctx.control, metrics=d.metrics, started=ctx.started,
-    ).start()  # fmt: skip
+    )  # fmt: skip
+    await reply.start()
     return plan_s
 
 

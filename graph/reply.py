@@ -61,8 +61,12 @@ class ReplyStream:
         self._ttft_ms: float | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> ReplyStream:
+    async def start(self) -> ReplyStream:
+        """Starts the stream and yields once, so the request is written before
+        the caller goes on: a LangGraph step's bookkeeping would otherwise run
+        first (the task only starts at the loop's next turn)."""
         self._task = asyncio.create_task(self._consume())
+        await asyncio.sleep(0)
         return self
 
     async def _consume(self) -> None:
