@@ -9,6 +9,7 @@ reverse order. Routes get this object by dependency injection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -26,11 +27,13 @@ from infra.errors import TiermemError
 from infra.executors import Executors
 from infra.llm import LLMClient, build_llm
 from infra.milvus import AsyncMilvus
+from infra.redis_channel import ChannelListener
 from infra.redis_client import REDIS_ERRORS, RedisLike, create_redis, is_cluster
 from infra.settings import Settings
 from infra.tokenizer import build_tokenizer
 from memory.archiver import Archiver, CrashHook
 from memory.context import ContextBuilder, StablePrefix
+from memory.keys import INVALIDATION_CHANNEL
 from memory.l1_pool import L1Pool
 from memory.l2_store import L2Store
 from memory.l3_store import L3Store
@@ -141,6 +144,21 @@ class Services:
         self.sessions = Sessions(
             self.l1, self.l2, self.metrics, commit_deadline_s=s.commit_deadline_s
         )
+        # Coherent L1: every commit publishes its session's new version; a pod
+        # drops an older copy before it builds a prompt from it.
+        self.invalidations = ChannelListener(
+            self.redis, INVALIDATION_CHANNEL,
+            self.sessions.on_invalidation, self.sessions.on_channel_reset,
+        )  # fmt: skip
+        self.invalidations.start()
+        self.sessions.listening = self.invalidations.subscribed.is_set
+        stack.push_async_callback(self.invalidations.aclose)
+        with contextlib.suppress(TimeoutError):
+            # Serve once subscribed, if Redis answers now; if not, the listener
+            # keeps trying and L1 is cleared when it gets through.
+            await asyncio.wait_for(
+                self.invalidations.subscribed.wait(), timeout=s.redis_socket_timeout_s * 2
+            )
         self.l3 = L3Store(self.milvus, self.embedder, s.milvus_collection, s.embedding_dim)
         try:
             await self.l3.ensure_collection()

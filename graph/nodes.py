@@ -228,7 +228,7 @@ class TurnNodes:
             prefix_version=plan.meta_updates["prefix_version"], compaction=plan.compaction,
             retry_of=state.get("retry_of"),
             rendered=d.context.after_reply(plan, reply) if status != "failed" else None,
-            checkpoint_for=checkpoint_for,
+            checkpoint_for=checkpoint_for, l1_hit=bool(state.get("l1_hit")),
         )  # fmt: skip
         if committed.duplicate_of is not None:
             ctx.control.emit(Done(state["turn_id"], committed.duplicate_of, "duplicate", usage))

@@ -131,3 +131,17 @@ class RateLimitKeys:
 
 
 META_SCAN_PATTERN = f"{PREFIX}:{{*}}:meta"
+
+# Pub/sub channel (not a key): every commit publishes "<meta key> <version>" on
+# it, so pods drop stale L1 copies (memory/sessions.py).
+INVALIDATION_CHANNEL = f"{PREFIX}:l1:invalidate"
+
+
+def thread_of_meta_key(key: str) -> tuple[str, str] | None:
+    """(tenant, session) of a ``tm:{<tenant>:<session>}:meta`` key, or None."""
+    if not key.startswith(f"{PREFIX}:{{") or not key.endswith("}:meta"):
+        return None
+    try:
+        return split_thread_id(key[len(PREFIX) + 2 : -len("}:meta")])
+    except InvalidId:
+        return None

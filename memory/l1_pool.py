@@ -39,6 +39,8 @@ class L1Pool:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        # Hits whose copy turned out stale at commit (another pod had committed).
+        self.stale_hits = 0
         self.queued = 0  # turns waiting for their session's lock
 
     def __len__(self) -> int:
@@ -80,6 +82,14 @@ class L1Pool:
             return False
         self.bytes -= entry.size
         return True
+
+    def clear(self) -> int:
+        """Forgets every session (their turns in progress keep their objects and
+        put them back at commit, once the compare-and-set says they are current)."""
+        n = len(self._entries)
+        self._entries.clear()
+        self.bytes = 0
+        return n
 
     def evict_idle(self, now: float | None = None) -> int:
         """Drops sessions idle longer than ``idle_evict_s`` and not in a turn."""
@@ -140,5 +150,6 @@ class L1Pool:
 
     @property
     def hit_ratio(self) -> float:
+        """Hits that were current, over all lookups."""
         total = self.hits + self.misses
-        return self.hits / total if total else 0.0
+        return (self.hits - self.stale_hits) / total if total else 0.0

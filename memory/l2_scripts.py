@@ -5,6 +5,8 @@ and does its work in one round trip, atomically: Redis runs a script without
 interleaving other commands.
 """
 
+from memory.keys import INVALIDATION_CHANNEL
+
 # KEYS: meta, log. ARGV[1]: "context" (turns from context_start) or "unarchived"
 # (turns from min(context_start, archived_upto + 1)).
 # Returns {meta_flat, turns}; an unknown session returns {{}, {}}.
@@ -111,9 +113,12 @@ if ARGV[7] ~= '' then
   put_checkpoint(KEYS[4], KEYS[5], KEYS[6], ARGV[7], ARGV[8], ARGV[9], ttl, tonumber(ARGV[10]),
     ARGV[11], ARGV[12])
 end
+-- Tell every pod that the session moved to this version (memory/sessions.py
+-- drops a stale L1 copy before it builds a prompt from it).
+redis.call('PUBLISH', '@CHANNEL@', KEYS[1] .. ' ' .. newv)
 return {1, newv}
 """
-)
+).replace("@CHANNEL@", INVALIDATION_CHANNEL)
 
 # KEYS: meta, log, batch record.
 # ARGV: 1 archived_upto expected (first turn - 1), 2 last turn of the batch,

@@ -85,6 +85,17 @@ class Metrics:
         self.retrievals = Counter(
             "tiermem_retrievals", "L3 retrievals, by source", ["source"], registry=r
         )
+        self.l1_invalidations = Counter(
+            "tiermem_l1_invalidations",
+            "Sessions dropped from L1 because another pod committed (or the channel reset)",
+            ["cause"],
+            registry=r,
+        )
+        self.stale_prompts = Counter(
+            "tiermem_stale_prompts",
+            "Replies generated from a context that missed another pod's commit",
+            registry=r,
+        )
         self.l2_round_trips = Counter(
             "tiermem_l2_round_trips", "Round trips to Redis made by the L2 store", registry=r
         )

@@ -19,6 +19,7 @@ commit deadline is spent, so a short outage still completes the turn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from infra.errors import Unavailable
+from memory.keys import thread_of_meta_key
 from memory.l1_pool import L1Pool
 from memory.l2_store import (
     AlreadyCommitted,
@@ -41,6 +43,8 @@ from memory.models import SessionState, Turn
 log = logging.getLogger("tiermem.sessions")
 
 COMMIT_CONFLICT_RETRIES = 5
+# Longest wait for a commit's own invalidation message before `done`.
+ECHO_WAIT_S = 0.05
 
 # Builds the checkpoint a commit writes, once the turn's index and the new
 # version are known (they move when a conflict is retried).
@@ -86,6 +90,14 @@ class Sessions:
         self.l2 = l2
         self.metrics = metrics
         self.commit_deadline_s = commit_deadline_s
+        # A commit of this pod in flight, per session: the version it will
+        # publish, so its own invalidation message is not taken for another's.
+        self._committing: dict[tuple[str, str], int] = {}
+        # This pod's own invalidation messages, awaited before a commit returns
+        # (see commit); ``listening`` says whether the channel is up (set by
+        # the app once it listens).
+        self._echoes: dict[tuple[tuple[str, str], int], asyncio.Future[None]] = {}
+        self.listening: Callable[[], bool] = lambda: False
         # Sessions check_owner loaded from L2 for a turn about to run: that
         # turn's open() is the L1 miss, not a hit.
         self._preloaded: set[tuple[str, str]] = set()
@@ -169,6 +181,7 @@ class Sessions:
         retry_of: int | None,
         rendered: str | None,
         checkpoint_for: CheckpointFor,
+        l1_hit: bool = False,
     ) -> Committed:
         """Stores ``turn`` (appended, or in place of the failed turn ``retry_of``)
         and applies it to L1. ``rendered`` is the prompt + reply as sent, kept
@@ -182,7 +195,7 @@ class Sessions:
             meta["created_at"] = repr(session.created_at or now)
         try:
             version = await self._commit_with_retry(
-                session, turn, meta, user_id, retry_of, checkpoint_for
+                session, turn, meta, user_id, retry_of, checkpoint_for, l1_hit
             )
         except AlreadyCommitted as dup:
             # Another pod stored this turn_id while we generated: keep theirs;
@@ -213,6 +226,7 @@ class Sessions:
         user_id: str,
         retry_of: int | None,
         checkpoint_for: CheckpointFor,
+        l1_hit: bool,
     ) -> int:
         deadline = time.monotonic() + self.commit_deadline_s
         conflicts = 0
@@ -228,6 +242,13 @@ class Sessions:
             )
             turn.index = retry_of if replace and retry_of is not None else session.turn_count + 1
             checkpoint = checkpoint_for(turn.index, session.version + 1, session.checkpoint_id)
+            key = (session.tenant, session.session_id)
+            self._committing[key] = session.version + 1
+            echo: asyncio.Future[None] | None = None
+            echo_key = (key, session.version + 1)
+            if self.listening():
+                echo = asyncio.get_running_loop().create_future()
+                self._echoes[echo_key] = echo
             try:
                 version = await self.l2.commit(
                     session, turn, replace_last=replace, meta_updates=meta,
@@ -238,9 +259,25 @@ class Sessions:
                 self.l1.drop(session.tenant, session.session_id)
                 raise
             except VersionConflict:
-                # Someone else committed (another pod, or the archiver): reload and
-                # append after their turn. The reply stands; only its index moves.
+                # Someone else committed (another pod, or the archiver) before this
+                # pod heard of it: reload and append after their turn. The reply
+                # was streamed already, so it stands, stored with the mark
+                # ``stale_context`` (its prompt missed that commit).
                 conflicts += 1
+                if conflicts == 1:
+                    fresh_meta = await self._load(session.tenant, session.session_id)
+                    if fresh_meta is None or fresh_meta.turn_count != session.turn_count:
+                        if turn.usage is None:
+                            turn.usage = {}
+                        # In place: the caller reports this dict in `done`.
+                        turn.usage["stale_context"] = True
+                        self.metrics.stale_prompts.inc()
+                        if l1_hit:
+                            self.metrics.l1_lookups.labels("stale").inc()
+                            self.l1.stale_hits += 1
+                    if fresh_meta is not None:
+                        _refresh(session, fresh_meta)
+                        continue
                 if conflicts > COMMIT_CONFLICT_RETRIES:
                     raise
                 fresh = await self._load(session.tenant, session.session_id)
@@ -264,7 +301,20 @@ class Sessions:
             else:
                 if checkpoint is not None:
                     session.checkpoint_id = checkpoint.checkpoint_id
+                if echo is not None:
+                    # Wait for this commit's own invalidation message: Redis
+                    # writes it to every subscribed pod in the same pass, so once
+                    # it is back here the other pods have theirs, and a client
+                    # that sends its next turn to another pod the moment it sees
+                    # `done` finds that pod's copy dropped. A loop turn or two
+                    # normally, never a round trip; bounded if it never comes.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(echo), ECHO_WAIT_S)
                 return version
+            finally:
+                self._committing.pop(key, None)
+                if echo is not None:
+                    self._echoes.pop(echo_key, None)
 
     async def apply_archive(
         self, tenant: str, session_id: str, version: int, archived_upto: int, summary: str
@@ -289,6 +339,34 @@ class Sessions:
 
     def drop(self, tenant: str, session_id: str) -> bool:
         return self.l1.drop(tenant, session_id)
+
+    # --- coherence across pods -------------------------------------------------
+    def on_invalidation(self, payload: bytes) -> None:
+        """Another writer committed ``<meta key> <version>``: an L1 copy older
+        than that is dropped, so this pod never builds a prompt from it (the
+        next turn reloads from L2). No round trip: the commit script published
+        it to every pod (infra/redis_channel.py listens)."""
+        key_b, _, version_b = payload.rpartition(b" ")
+        thread = thread_of_meta_key(key_b.decode(errors="replace"))
+        if thread is None or not version_b.isdigit():
+            return
+        version = int(version_b)
+        echo = self._echoes.pop((thread, version), None)
+        if echo is not None and not echo.done():
+            echo.set_result(None)
+        if self._committing.get(thread) == version:
+            return  # this pod's own commit
+        state = self.l1.peek(*thread)
+        if state is not None and state.version < version:
+            self.l1.drop(*thread)
+            self.metrics.l1_invalidations.labels("commit").inc()
+
+    def on_channel_reset(self) -> None:
+        """The invalidation channel was (re)subscribed: what was published while
+        it was away is lost, so every L1 copy may be stale."""
+        n = self.l1.clear()
+        if n:
+            self.metrics.l1_invalidations.labels("channel_reset").inc(n)
 
 
 def retryable_in_place(turn: Turn) -> bool:
