@@ -412,6 +412,29 @@ class L3Store:
         records.sort(key=lambda rec: (rec.first_turn, rec.last_turn))
         return records
 
+    async def batches_overlapping(
+        self, tenant: str, session_id: str, first: int, last: int
+    ) -> list[MemoryRecord]:
+        """The batches of a session that hold any turn of ``first..last``, ordered by
+        ``first_turn`` (what a page of the session's history needs, not all of it)."""
+        _check_turns(first, last)
+        expr = f"{_scope(tenant, session_id=session_id)} and first_turn <= {last} and " \
+            f"last_turn >= {first}"  # fmt: skip
+        await self._ensure()
+        try:
+            rows = await self.milvus.query(
+                self.collection,
+                filter=expr,
+                output_fields=_RECORD_FIELDS,
+                limit=MAX_ROWS,
+                consistency_level="Strong",
+            )
+        except MilvusError as exc:
+            raise self._unavailable(exc) from exc
+        records = [_record(r) for r in rows if r.get("tenant") == tenant]
+        records.sort(key=lambda rec: (rec.first_turn, rec.last_turn))
+        return records
+
     async def ping(self) -> bool:
         """Whether Milvus answers now; never raises. (A missing collection is still
         "up": the next operation creates it.)"""
@@ -420,3 +443,16 @@ class L3Store:
         except MilvusError:
             return False
         return True
+
+
+def _record(r: dict[str, Any]) -> MemoryRecord:
+    return MemoryRecord(
+        batch_id=str(r["batch_id"]),
+        tenant=str(r["tenant"]),
+        user_id=str(r["user_id"]),
+        session_id=str(r["session_id"]),
+        first_turn=int(r["first_turn"]),
+        last_turn=int(r["last_turn"]),
+        text=str(r["text"]),
+        created_at=float(r["created_at"]),
+    )

@@ -7,9 +7,11 @@ summary covers them).
 
 from __future__ import annotations
 
+import bisect
 import re
+from typing import Any
 
-from memory.models import Turn
+from memory.models import Message, Turn
 
 # The archive's summary prompt. Written for weak models too: short, one task,
 # and it forbids what small models do (invent, generalise, follow the text).
@@ -50,6 +52,150 @@ def transcript(turns: list[Turn]) -> str:
             elif role == "tool":
                 lines.append(f"[turn {t.index}] tool result: {content[:_TOOL_RESULT_CHARS]}")
     return "\n".join(lines)
+
+
+# A transcript line's prefix: ``[turn N] user: ``, ``[turn N] assistant: ``,
+# ``[turn N] assistant called ``, ``[turn N] tool result: ``.
+_TRANSCRIPT_LINE = re.compile(
+    r"^\[turn (\d+)\] (user: |assistant: |assistant called |tool result: )(.*)\Z", re.DOTALL
+)
+
+
+def parse_transcript(
+    text: str, first: int | None = None, last: int | None = None
+) -> dict[int, list[Message]]:
+    """The turns' messages read back from ``transcript()``'s lines: turn index ->
+    OpenAI-format messages, in order.
+
+    What ``transcript`` keeps comes back: roles, texts, tool calls (name and
+    arguments; their ids are not kept) and tool results (cut to 300 characters
+    when written). A message with newlines is written on several lines, and its
+    text may itself hold lines that look like prefixes, so the format alone does
+    not say where a message ends. The reading chosen is the one that explains
+    the most lines as prefixes of a real transcript: turns start with
+    ``[turn N] user:`` at N, N+1, N+2... in order (from ``first``, up to ``last``,
+    when given); inside turn N only ``[turn N]`` assistant, tool call and tool
+    result lines start messages; every other line continues the message above.
+    So an imitation of another turn, of a second user message, or of anything
+    out of order stays text, and so does an imitation of the next turn's start
+    that real lines of the current turn follow. Where two readings explain as
+    many lines, the text itself is ambiguous (``[turn N+1] user: a`` then the
+    real ``[turn N+1] user: b``: the first may end turn N's last message, or the
+    second continue turn N+1's user message); the earlier start is taken, except
+    for the first turn: there the later one (so a summary above the transcript
+    that echoes its first line is skipped with the summary). And a
+    message line that is exactly the current turn's next possible line (an
+    assistant or tool result line of turn N inside turn N) is read as that line.
+    Lines before the first turn (a summary above the transcript) are skipped; a
+    text cut mid-line gives a shortened last message.
+    """
+    lines = text.split("\n")
+    heads: list[tuple[int, str, str] | None] = []
+    starts: dict[int, list[int]] = {}  # turn -> lines of its candidate user lines
+    msg_lines: dict[int, list[int]] = {}  # turn -> lines of its other prefixed lines
+    for i, line in enumerate(lines):
+        match = _TRANSCRIPT_LINE.match(line)
+        if match is None:
+            heads.append(None)
+            continue
+        n, kind = int(match.group(1)), match.group(2)
+        heads.append((n, kind, match.group(3)))
+        if (first is not None and n < first) or (last is not None and n > last):
+            continue
+        (starts if kind == "user: " else msg_lines).setdefault(n, []).append(i)
+
+    def count(n: int, upto: int) -> int:  # turn n's message lines before line ``upto``
+        return bisect.bisect_left(msg_lines.get(n, ()), upto)
+
+    # best[(n, s)]: the most lines explained by turns before n, turn n starting at s;
+    # head[(n, s)]: where that reading's first turn starts.
+    best: dict[tuple[int, int], int] = {}
+    back: dict[tuple[int, int], tuple[int, int] | None] = {}
+    head: dict[tuple[int, int], int] = {}
+    for n in sorted(starts):
+        prev = starts.get(n - 1)
+        for s in starts[n]:
+            # (score, tie-break, link): the most lines explained; on a tie, the
+            # later first turn (what precedes a transcript is skipped: a summary
+            # echoing its first line must lose), then the earlier start.
+            options: list[tuple[int, int, int, tuple[int, int] | None]] = []
+            if first is None or n == first:
+                options.append((0, s, 0, None))
+            for p in prev or ():
+                if p >= s:
+                    break
+                score = best[(n - 1, p)] + 1 + count(n - 1, s) - count(n - 1, p)
+                options.append((score, head[(n - 1, p)], -p, (n - 1, p)))
+            if options:
+                score, h, _, link = max(options)
+                best[(n, s)], back[(n, s)], head[(n, s)] = score, link, h
+    end: tuple[int, int] | None = None
+    top: tuple[int, int, int] = (-1, 0, 0)
+    for (n, s), score in best.items():
+        key = (score + 1 + count(n, len(lines)) - count(n, s), head[(n, s)], -s)
+        if key > top:
+            end, top = (n, s), key
+    chosen: list[tuple[int, int]] = []
+    while end is not None:
+        chosen.append(end)
+        end = back[end]
+    chosen.reverse()
+
+    turns: dict[int, list[Message]] = {}
+    for k, (n, s) in enumerate(chosen):
+        stop = chosen[k + 1][1] if k + 1 < len(chosen) else len(lines)
+        turns[n] = _read_turn(n, lines, heads, s, stop)
+    return turns
+
+
+def _read_turn(
+    n: int, lines: list[str], heads: list[tuple[int, str, str] | None], start: int, stop: int
+) -> list[Message]:
+    """Turn ``n``'s messages from its lines ``start..stop-1`` (the first is its user
+    line): its own assistant, call and result lines start messages, the rest
+    continue the message above."""
+    head = heads[start]
+    assert head is not None
+    msgs: list[Message] = [{"role": "user", "content": head[2]}]
+    parts = [head[2]]
+    target: dict[str, Any] = msgs[0]  # what ``parts`` become the text of
+    is_call = False
+
+    def close() -> None:
+        joined = "\n".join(parts)
+        if is_call:
+            # Written as name(arguments); a cut text may have lost the ")".
+            name, _, args = joined.partition("(")
+            target["name"], target["arguments"] = name, args[:-1] if args.endswith(")") else args
+        else:
+            target["content"] = joined
+
+    for i in range(start + 1, stop):
+        h = heads[i]
+        if h is None or h[0] != n or h[1] == "user: ":
+            parts.append(lines[i])
+            continue
+        close()
+        kind, rest = h[1], h[2]
+        parts, is_call = [rest], kind == "assistant called "
+        if kind == "assistant: ":
+            target = {"role": "assistant", "content": rest}
+            msgs.append(target)
+        elif kind == "tool result: ":
+            target = {"role": "tool", "content": rest}
+            msgs.append(target)
+        else:
+            # A message's calls follow its text, if it had any.
+            owner = msgs[-1]
+            if owner.get("role") != "assistant" or (
+                "tool_calls" not in owner and not owner.get("content")
+            ):
+                owner = {"role": "assistant", "content": None}
+                msgs.append(owner)
+            target = {"name": "", "arguments": ""}
+            owner.setdefault("tool_calls", []).append({"type": "function", "function": target})
+    close()
+    return msgs
 
 
 def first_sentence(text: str, limit: int = 200) -> str:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from app.deps import ServicesDep, SessionId, TenantDep
 from app.errors import ApiError
+from memory.history import DEFAULT_PAGE, MAX_PAGE, read_history
 
 router = APIRouter()
 
@@ -49,6 +50,33 @@ async def get_session(session_id: SessionId, tenant: TenantDep, services: Servic
             }
             for t in unarchived
         ],
+    }
+
+
+@router.get("/v1/sessions/{session_id}/turns")
+async def get_session_turns(
+    session_id: SessionId,
+    tenant: TenantDep,
+    services: ServicesDep,
+    before: Annotated[int | None, Query(ge=1)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+) -> Any:
+    """Every turn of the session, archived ones included, newest first: the
+    ``limit`` turns before turn ``before`` (the newest without it). Pass
+    ``next_before`` as ``before`` for the next, older page; it is null at turn 1.
+    Turns come from L2 while its log holds them (``source: "l2"``), else rebuilt
+    from their batch's transcript in L3 (``source: "l3"``; see memory/history.py)."""
+    page = await read_history(
+        services.l2, services.l3, tenant, session_id, before=before, limit=limit
+    )
+    if page is None:
+        raise ApiError(404, "session_not_found", f"no session {session_id!r}")
+    return {
+        "session_id": session_id,
+        "turn_count": page.turn_count,
+        "archived_upto": page.archived_upto,
+        "turns": page.turns,
+        "next_before": page.next_before,
     }
 
 
