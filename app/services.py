@@ -140,6 +140,9 @@ class Services:
             retrieval_cache_ttl_s=s.retrieval_cache_ttl_s,
             checkpoints_kept=CHECKPOINTS_KEPT,
             metrics=self.metrics,
+            ack=s.ack,
+            ack_timeout_ms=s.ack_timeout_ms,
+            ack_replicas=s.ack_replicas,
         )
         self.sessions = Sessions(
             self.l1, self.l2, self.metrics, commit_deadline_s=s.commit_deadline_s

@@ -20,11 +20,12 @@ from typing import Any, TypeAlias, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import MovedError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 RedisLike: TypeAlias = Redis | RedisCluster
 
@@ -116,6 +117,74 @@ def _create_cluster(
 
 def is_cluster(client: RedisLike) -> bool:
     return isinstance(client, RedisCluster)
+
+
+# A MOVED reply (a slot migrated, a failover the client has not heard of) is
+# followed this many times, the slot map patched each time, before giving up.
+_MOVED_FOLLOWS = 3
+
+
+async def on_one_connection(
+    client: RedisLike, key: str, commands: list[tuple[Any, ...]]
+) -> list[Any]:
+    """Runs ``commands`` in order on ONE connection to the node that owns ``key``,
+    in one round trip, and returns their replies; a command Redis refused comes
+    back as its ``ResponseError`` instance, not raised.
+
+    For what depends on the connection: ``WAIT``/``WAITAOF`` count what THIS
+    connection wrote, so they must follow the write on its connection, which a
+    pooled client does not promise for two separate calls. Standalone: a
+    non-transactional pipeline (one connection for the whole stack; its retry
+    after a connection error re-sends the whole stack on one new connection).
+    Cluster: redis-py's ClusterPipeline routes a keyless WAIT by its own rules
+    (and drops an explicit target when it retries), so the commands go straight
+    to a pooled connection of the primary that owns ``key``'s slot. A MOVED
+    reply to the first command patches the slot map and runs them again (the
+    first command did not run); a connection error refreshes the map and raises,
+    for the caller to retry.
+    """
+    if not isinstance(client, RedisCluster):
+        async with client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return cast("list[Any]", await pipe.execute(raise_on_error=False))
+    for _ in range(_MOVED_FOLLOWS):
+        await client.initialize()
+        node = client.get_node_from_key(key)
+        if node is None:
+            raise RedisClusterException(f"no primary serves the slot of {key!r}")
+        try:
+            replies = await _on_node(node, commands)
+        except (RedisConnectionError, RedisTimeoutError):
+            # The node may be gone (a failover): the next call reads the slot map
+            # again first, as redis-py's own retry loop does.
+            client._initialize = True
+            raise
+        first = replies[0] if replies else None
+        if not isinstance(first, MovedError):
+            return replies
+        await client.nodes_manager.move_slot(first)
+    raise RedisClusterException(f"{key!r} kept moving: {replies[0]}")
+
+
+async def _on_node(node: ClusterNode, commands: list[tuple[Any, ...]]) -> list[Any]:
+    connection = node.acquire_connection()
+    try:
+        await connection.send_packed_command(connection.pack_commands(commands))
+        replies: list[Any] = []
+        for command in commands:
+            try:
+                replies.append(await node.parse_response(connection, command[0]))
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except BaseException:
+        # A half-read connection must never go back to the pool with replies
+        # still on the wire.
+        await connection.disconnect()
+        raise
+    finally:
+        node.release(connection)
 
 
 async def scan_keys(client: RedisLike, pattern: str, count: int = 1000) -> AsyncIterator[bytes]:

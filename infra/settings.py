@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     retrieval_cache_ttl_s: int = 300
     # Idempotency records of turns (replay of a finished turn by Last-Event-ID).
     turn_record_ttl_s: int = 24 * 3600
+    # What a turn waits for before ``done`` (README, "Durability"): "primary" the
+    # commit on the primary; "replica" also WAIT ack_replicas replicas; "aof" also
+    # WAITAOF (the primary's AOF fsynced; Redis >= 7.2, appendonly yes). A wait
+    # that comes back short within ack_timeout_ms ends the turn with the
+    # retryable error durability_timeout instead of done.
+    ack: Literal["primary", "replica", "aof"] = "primary"
+    ack_timeout_ms: int = Field(default=1000, ge=1)
+    ack_replicas: int = Field(default=1, ge=1)
 
     # --- L3: Milvus --------------------------------------------------------------
     # Unset: Milvus Lite on data_dir/milvus.db (one process per file).
@@ -175,6 +183,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "TIERMEM_ARCHIVE_IDLE_AFTER (seconds) must be shorter than TIERMEM_SESSION_TTL_S, "
                 "or idle tails could expire before they are archived"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ack_wait_within_socket_timeout(self) -> Settings:
+        # The wait blocks the connection's read; past the socket timeout the read
+        # fails first and the turn would end as storage_unavailable.
+        if self.ack != "primary" and self.ack_timeout_ms >= self.redis_socket_timeout_s * 1000:
+            raise ValueError(
+                "TIERMEM_ACK_TIMEOUT_MS must be shorter than TIERMEM_REDIS_SOCKET_TIMEOUT_S"
             )
         return self
 

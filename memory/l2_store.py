@@ -15,13 +15,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import orjson
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
-from infra.errors import Conflict, Unavailable
-from infra.redis_client import REDIS_ERRORS, RedisLike, scan_keys
+from infra.errors import Conflict, Misconfigured, Unavailable
+from infra.redis_client import REDIS_ERRORS, RedisLike, on_one_connection, scan_keys
 from memory import l2_scripts
 from memory.keys import META_SCAN_PATTERN, SessionKeys, split_thread_id
 from memory.metrics import Metrics
@@ -35,6 +35,26 @@ class L2Error(Unavailable):
 
     code = "storage_unavailable"
     default_message = "session storage unavailable; retry"
+
+
+class DurabilityTimeout(Unavailable):
+    """The turn is stored on the primary, but not yet where ``TIERMEM_ACK`` says
+    an acknowledged turn must be (a replica, the AOF) within the wait: it is not
+    acknowledged. A retry with the same turn_id replays it once it is durable
+    (or runs it again if a failover lost it)."""
+
+    code = "durability_timeout"
+    default_message = "the turn is not yet durable; retry with the same turn_id"
+
+
+class DurabilityMisconfigured(Misconfigured):
+    """Redis refused the durability wait (WAITAOF on a server without AOF or
+    older than 7.2): an operator must fix TIERMEM_ACK or the server."""
+
+    code = "durability_misconfigured"
+
+
+AckMode = Literal["primary", "replica", "aof"]
 
 
 class AlreadyCommitted(Conflict):
@@ -105,8 +125,24 @@ class L2Store:
         retrieval_cache_ttl_s: int = 300,
         checkpoints_kept: int = 2,
         metrics: Metrics | None = None,
+        ack: AckMode = "primary",
+        ack_timeout_ms: int = 1000,
+        ack_replicas: int = 1,
     ) -> None:
+        """``ack`` is what a commit waits for before it returns (TIERMEM_ACK):
+        ``primary`` nothing more; ``replica`` ``WAIT ack_replicas`` replicas;
+        ``aof`` ``WAITAOF 1 0``, the primary's AOF fsynced. Each wait gives up
+        after ``ack_timeout_ms`` (DurabilityTimeout); keep it under the Redis
+        socket timeout, or the read times out first."""
+        if ack not in ("primary", "replica", "aof"):
+            raise ValueError(f"unknown ack mode {ack!r}")
+        if ack_timeout_ms < 1 or ack_replicas < 1:
+            # WAIT 0 / WAITAOF with timeout 0 blocks forever.
+            raise ValueError("ack_timeout_ms and ack_replicas must be at least 1")
         self.redis = redis
+        self.ack = ack
+        self.ack_timeout_ms = ack_timeout_ms
+        self.ack_replicas = ack_replicas
         self.session_ttl_s = session_ttl_s
         self.turn_record_ttl_s = turn_record_ttl_s
         self.retrieval_cache_ttl_s = retrieval_cache_ttl_s
@@ -179,36 +215,129 @@ class L2Store:
         fields: list[str] = []
         for name, field_value in (meta_updates or {}).items():
             fields += [name, field_value]
-        result = await self._run(
-            self._commit,
-            [k.meta, k.log, k.turn(turn.turn_id), k.cp(ns, checkpoint.checkpoint_id if checkpoint
-             else "none"), k.cp_index(ns), k.cp_namespaces],
-            [state.version, turn.encode(), turn.index, "replace" if replace_last else "append",
-             self.session_ttl_s, self.turn_record_ttl_s,
-             checkpoint.checkpoint_id if checkpoint else "", checkpoint.record if checkpoint
-             else b"", ns, self.checkpoints_kept, k.cp(ns, ""), k.cp_writes(ns, ""), user_id,
-             *fields],
-        )  # fmt: skip
-        ok, value = int(result[0]), int(result[1])
+        keys = [
+            k.meta,
+            k.log,
+            k.turn(turn.turn_id),
+            k.cp(ns, checkpoint.checkpoint_id if checkpoint else "none"),
+            k.cp_index(ns),
+            k.cp_namespaces,
+        ]
+        args = [state.version, turn.encode(), turn.index, "replace" if replace_last else "append",
+                self.session_ttl_s, self.turn_record_ttl_s,
+                checkpoint.checkpoint_id if checkpoint else "", checkpoint.record if checkpoint
+                else b"", ns, self.checkpoints_kept, k.cp(ns, ""), k.cp_writes(ns, ""), user_id,
+                *fields]  # fmt: skip
+        if self.ack == "primary":
+            result = await self._run(self._commit, keys, args)
+            ok, value = int(result[0]), int(result[1])
+        else:
+            ok, value = await self._commit_durably(keys, args)
         if ok == 1:
             return value
         if ok == 0:
             raise VersionConflict(value)
         if ok == 2:
+            # Stored before (by an attempt whose wait timed out or whose reply
+            # was lost, or by another pod): acknowledged only once durable.
+            await self.confirm_durable(state.tenant, state.session_id, turn.turn_id)
             raise AlreadyCommitted(value)
         if ok == 3:
             raise SessionUserMismatch()
         # The log does not end where this state thinks: treat as a conflict.
         raise VersionConflict(-1)
 
+    async def _commit_durably(self, keys: list[str], args: list[Any]) -> tuple[int, int]:
+        """The commit script, then the wait for ``self.ack``, on the connection that
+        ran the script, in one round trip (``on_one_connection``). Returns the
+        script's (ok, value); raises DurabilityTimeout when the script committed
+        but the wait came back short."""
+        for _ in range(2):
+            self._round_trips.inc()
+            try:
+                reply, waited = await on_one_connection(
+                    self.redis, keys[0],
+                    [("EVALSHA", self._commit.sha, len(keys), *keys, *args), self._wait_command()],
+                )  # fmt: skip
+            except REDIS_ERRORS as exc:
+                raise L2Error(f"redis: {exc}") from exc
+            if isinstance(reply, NoScriptError):
+                # A restarted or failed-over server without the script: load it, again.
+                try:
+                    await self.redis.script_load(l2_scripts.COMMIT)
+                except REDIS_ERRORS as exc:
+                    raise L2Error(f"redis: {exc}") from exc
+                continue
+            if isinstance(reply, Exception):
+                raise L2Error(f"redis: {reply}")
+            ok, value = int(reply[0]), int(reply[1])
+            if ok == 1:
+                self._check_wait(waited)
+            return ok, value
+        raise L2Error("redis: the commit script could not be loaded")
+
+    def _wait_command(self) -> tuple[Any, ...]:
+        if self.ack == "replica":
+            return ("WAIT", self.ack_replicas, self.ack_timeout_ms)
+        return ("WAITAOF", 1, 0, self.ack_timeout_ms)
+
+    def _check_wait(self, waited: Any) -> None:
+        if isinstance(waited, ResponseError):
+            raise DurabilityMisconfigured(
+                f"TIERMEM_ACK={self.ack}: redis refused the wait: {waited}"
+            )
+        if isinstance(waited, Exception):
+            raise L2Error(f"redis: {waited}")
+        if self.ack == "replica":
+            got = int(waited)
+            if got < self.ack_replicas:
+                raise DurabilityTimeout(
+                    f"the turn reached {got} of {self.ack_replicas} replicas within "
+                    f"{self.ack_timeout_ms} ms; retry with the same turn_id"
+                )
+        elif int(waited[0]) < 1:
+            raise DurabilityTimeout(
+                f"the primary's AOF did not fsync the turn within {self.ack_timeout_ms} ms; "
+                "retry with the same turn_id"
+            )
+
+    async def confirm_durable(self, tenant: str, session_id: str, turn_id: str) -> None:
+        """Returns once a stored turn is as durable as ``self.ack`` says (at once
+        with ``primary``); raises DurabilityTimeout otherwise. WAIT counts what its
+        own connection wrote, so this connection writes first: it refreshes the
+        turn record's TTL, a write the primary replicates and logs after the turn,
+        so a replica (or the AOF) that has it has the turn."""
+        if self.ack == "primary":
+            return
+        k = SessionKeys(tenant, session_id)
+        self._round_trips.inc()
+        try:
+            touched, waited = await on_one_connection(
+                self.redis, k.meta,
+                [("PEXPIRE", k.turn(turn_id), self.turn_record_ttl_s * 1000), self._wait_command()],
+            )  # fmt: skip
+        except REDIS_ERRORS as exc:
+            raise L2Error(f"redis: {exc}") from exc
+        if isinstance(touched, Exception):
+            raise L2Error(f"redis: {touched}")
+        if int(touched) != 1:
+            # No record, so nothing was written and the wait proves nothing.
+            raise DurabilityTimeout("the turn's record is gone; retry with the same turn_id")
+        self._check_wait(waited)
+
     async def committed_turn(self, tenant: str, session_id: str, turn_id: str) -> Turn | None:
-        """The stored turn with this id, if it was committed (and is still kept)."""
+        """The stored turn with this id, if it was committed (and is still kept).
+        With ``ack`` other than ``primary`` a turn found is returned only once it
+        is durable (``confirm_durable``): the caller may acknowledge it again."""
         k = SessionKeys(tenant, session_id)
         raw = await self._run(self._committed, [k.meta, k.log, k.turn(turn_id)], [])
         if not raw:
             return None
         turn = Turn.decode(raw)
-        return turn if turn.turn_id == turn_id else None
+        if turn.turn_id != turn_id:
+            return None
+        await self.confirm_durable(tenant, session_id, turn_id)
+        return turn
 
     async def read_turns(
         self, tenant: str, session_id: str, first: int, last: int, log_base: int
@@ -408,9 +537,12 @@ def new_turn_id() -> str:
 
 
 __all__ = [
+    "AckMode",
     "AlreadyCommitted",
     "BatchRecord",
     "CheckpointWrite",
+    "DurabilityMisconfigured",
+    "DurabilityTimeout",
     "L2Error",
     "L2Store",
     "SessionUserMismatch",

@@ -32,13 +32,15 @@ from memory.l1_pool import L1Pool
 from memory.l2_store import (
     AlreadyCommitted,
     CheckpointWrite,
+    DurabilityMisconfigured,
+    DurabilityTimeout,
     L2Error,
     L2Store,
     SessionUserMismatch,
     VersionConflict,
 )
 from memory.metrics import Metrics
-from memory.models import SessionState, Turn
+from memory.models import RenderedMark, SessionState, Turn
 
 log = logging.getLogger("tiermem.sessions")
 
@@ -179,13 +181,13 @@ class Sessions:
         prefix_version: str,
         compaction: tuple[int, str] | None,
         retry_of: int | None,
-        rendered: str | None,
+        rendered: RenderedMark | None,
         checkpoint_for: CheckpointFor,
         l1_hit: bool = False,
     ) -> Committed:
         """Stores ``turn`` (appended, or in place of the failed turn ``retry_of``)
-        and applies it to L1. ``rendered`` is the prompt + reply as sent, kept
-        for the next turn's prefix accounting."""
+        and applies it to L1. ``rendered`` is the mark (length, digest) of the
+        prompt + reply as sent, kept for the next turn's prefix accounting."""
         now = turn.created_at or time.time()
         meta = {"prefix_version": prefix_version, "updated_at": repr(now)}
         if compaction is not None:
@@ -256,6 +258,14 @@ class Sessions:
                 )  # fmt: skip
             except SessionUserMismatch:
                 # Another pod bound the session to another user meanwhile.
+                self.l1.drop(session.tenant, session.session_id)
+                raise
+            except (DurabilityTimeout, DurabilityMisconfigured):
+                # Stored on the primary but not as durable as TIERMEM_ACK asks:
+                # not acknowledged (the stream ends with this error, never
+                # ``done``), and not retried here (a retry of the commit would
+                # find its own turn and call it a duplicate). L1 forgets the
+                # session, so its next turn reloads what L2 really has.
                 self.l1.drop(session.tenant, session.session_id)
                 raise
             except VersionConflict:

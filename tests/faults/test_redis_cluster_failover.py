@@ -82,9 +82,12 @@ def replica_of(cluster: RedisClusterLauncher, master: ClusterNodeProcess) -> Clu
 
 @pytest.mark.slow
 @pytest.mark.cluster
-@pytest.mark.parametrize("lag", ["in_sync", "replica_lagging"])
+@pytest.mark.parametrize(
+    ("lag", "ack"),
+    [("in_sync", "primary"), ("replica_lagging", "primary"), ("replica_lagging", "replica")],
+)
 async def test_master_killed_during_writes_reports_lost_turns_and_recovers(
-    lag: str, tmp_path: Path, cluster: RedisClusterLauncher, fault_llm: FakeVLLM,
+    lag: str, ack: str, tmp_path: Path, cluster: RedisClusterLauncher, fault_llm: FakeVLLM,
     fault_report: ReportFn,
 ) -> None:  # fmt: skip
     """Six sessions write turns, three of them on one master; that master gets
@@ -111,11 +114,20 @@ async def test_master_killed_during_writes_reports_lost_turns_and_recovers(
     after the kill. Every turn the master acknowledged meanwhile is lost: the test
     asserts that some are, that they are exactly turns of the killed master's
     sessions acknowledged after the replica fell behind, and reports how many.
-    This is the loss ``WAIT 1`` would prevent.
+    This is the loss ``TIERMEM_ACK=replica`` prevents.
+
+    ``replica_lagging`` with ``TIERMEM_ACK=replica``: each commit is followed by
+    ``WAIT 1`` on its connection, so while the replica is frozen the victim's
+    turns end with the retryable ``durability_timeout`` instead of ``done`` and
+    are retried with their turn_id; the failover then loses only unacknowledged
+    writes, which the retries store again on the promoted master. The killed
+    master is started again (it rejoins as the new master's replica), since with
+    one replica per master nothing could acknowledge the victim's turns before.
+    The test asserts 0 acknowledged turns lost.
 
     Both: no duplicates, and every session commits new turns after the failover.
 
-    What ``WAIT 1`` would buy, and that tiermem does not use it: ``WAIT numreplicas
+    What ``WAIT 1`` buys (``TIERMEM_ACK=replica``; not the default): ``WAIT numreplicas
     timeout`` blocks the caller until the writes it sent on that connection have
     reached ``numreplicas`` replicas, or the timeout passes, and returns how many
     did. Sent after the commit script, and with ``done`` held back until it
@@ -130,13 +142,15 @@ async def test_master_killed_during_writes_reports_lost_turns_and_recovers(
     every commit (sub-millisecond on one host, more across zones) and stalls
     commits for up to the timeout while a replica is down or resyncing; on Redis
     Cluster it must go to the same node and connection as the write, which
-    redis-py's cluster client does not offer for a keyless command. tiermem does
-    not send WAIT today: a turn is acknowledged once its master has it.
+    redis-py's cluster pipeline does not promise for a keyless command, so
+    ``infra.redis_client.on_one_connection`` sends both on one connection of the
+    slot's master. With the default ``primary`` a turn is acknowledged once its
+    master has it.
     """
     victim, on_victim, elsewhere = pick_sessions(cluster)
     settings = make_settings(
         tmp_path, cluster.url, llm_url=fault_llm.base_url, archive_threshold=5,
-        redis_socket_timeout_s=1.0, commit_deadline_s=6.0,
+        redis_socket_timeout_s=1.0, commit_deadline_s=6.0, ack=ack, ack_timeout_ms=500,
     )  # fmt: skip
     names = on_victim + elsewhere
     async with (
@@ -160,6 +174,10 @@ async def test_master_killed_during_writes_reports_lost_turns_and_recovers(
             promoted = await asyncio.to_thread(
                 cluster.master_for_key, SessionKeys(TENANT, on_victim[0]).meta
             )
+            if ack == "replica":
+                # The old master rejoins as the promoted one's replica: until it
+                # has synced, WAIT 1 cannot be met on that shard.
+                await asyncio.to_thread(cluster.restart, victim)
             # Every session, the victim's included, commits three more turns.
             marks = {s: len(workload.turns[s]) for s in names}
 
@@ -202,7 +220,12 @@ async def test_master_killed_during_writes_reports_lost_turns_and_recovers(
     assert {tid.rsplit(".", 1)[0] for tid in result.lost} <= set(on_victim), result.lost
     acked_at = {a.turn_id: a.ended for a in workload.acked()}
     victim_ids = set(on_victim)
-    if lag == "in_sync":
+    durability_timeouts = [a for a in errors if a.code == "durability_timeout"]
+    if ack == "replica":
+        assert result.lost == [], result.summary()
+        # The wait was exercised: the frozen replica held the victim's turns back.
+        assert any(a.session in victim_ids for a in durability_timeouts), attempt_rows(errors)
+    elif lag == "in_sync":
         assert len(result.lost) <= len(on_victim), result.summary()
     else:
         assert result.lost, "the lagging replica lost nothing: the test did not test anything"
@@ -221,7 +244,8 @@ async def test_master_killed_during_writes_reports_lost_turns_and_recovers(
         default=float("inf"),
     )
     fault_report(
-        fault=f"redis_cluster_master_kill9_{lag}", injected=1, acknowledged=result.acknowledged,
+        fault=f"redis_cluster_master_kill9_{lag}_ack_{ack}", injected=1,
+        acknowledged=result.acknowledged,
         lost=len(result.lost), duplicated=len(result.duplicated),
         recover_s=first_ack - killed_at, failover_s=round(failed_over_at - killed_at, 3),
         lost_turns=result.lost, renumbered=len(result.misnumbered),
@@ -229,6 +253,7 @@ async def test_master_killed_during_writes_reports_lost_turns_and_recovers(
             lagging_from <= t <= killed_at and tid.rsplit(".", 1)[0] in victim_ids
             for tid, t in acked_at.items()
         ) if lag == "replica_lagging" else 0,
+        durability_timeouts=len(durability_timeouts),
         error_attempts_victim=sum(a.session in victim_ids for a in errors),
         error_attempts_others=sum(a.session not in victim_ids for a in errors),
     )  # fmt: skip
