@@ -12,7 +12,10 @@ vLLM reuses KV blocks only for an identical token prefix, so:
 
 It also does the per-turn prefix accounting: how many tokens of this prompt are
 an exact prefix of the previous prompt + reply (rounded down to whole KV blocks),
-and, when that prefix breaks, where and why.
+and, when that prefix breaks, where and why. The session keeps only a mark of the
+previous prompt + reply (its length and a digest), not its text: the usual turn
+extends it, which the mark proves; on a break or an L1 miss the previous prompt
+is rendered again from the session's turns as they were.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 from infra.chat_template import render_chat
 from infra.tokenizer import Tokenizer
-from memory.models import Message, SessionState, Turn
+from memory.models import Message, RenderedMark, SessionState, Turn
 from memory.sanitise import sanitise
 from memory.summaries import context_summary
 
@@ -41,6 +44,11 @@ INLINE_TOKENIZE_CHARS = 8192
 SUMMARY_COUNTS_KEPT = 1024
 
 BREAK_REASONS = ("system", "tools", "memory", "compaction", "history_rewrite", "route_change")
+# Stable-prefix messages by version, of every builder this process made (a few at
+# most: a new prefix is a deliberate event), so a session's previous prompt can be
+# rendered again under the prefix it was sent with.
+PREFIXES_KEPT = 16
+_prefix_messages: dict[str, Message] = {}
 
 
 def _canonical(obj: Any) -> str:
@@ -49,6 +57,24 @@ def _canonical(obj: Any) -> str:
 
 def _h(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _digest(*parts: str) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+def rendered_mark(*parts: str) -> RenderedMark:
+    """The mark of the text ``"".join(parts)``: its length and digest."""
+    return sum(map(len, parts)), _digest(*parts)
+
+
+def extends(text: str, mark: RenderedMark) -> bool:
+    """Whether ``text`` starts with the text ``mark`` was made of."""
+    length, digest = mark
+    return len(text) >= length and _digest(text[:length]) == digest
 
 
 @dataclass(frozen=True)
@@ -131,7 +157,7 @@ class _Previous:
     """What the prefix accounting needs of the session as it was before the turn,
     taken when the plan is made (the turn's commit changes the session later)."""
 
-    last_rendered: str | None
+    last_rendered: RenderedMark | None
     turn_count: int
     prefix_version: str
     context_summary: str
@@ -182,6 +208,10 @@ class ContextBuilder:
         # of the budget (about four characters a token).
         self.max_note_chars = budget_tokens * 4 // 10
         self._prefix_message = {"role": "system", "content": prefix.render()}
+        _prefix_messages.pop(prefix.version, None)
+        _prefix_messages[prefix.version] = self._prefix_message
+        while len(_prefix_messages) > PREFIXES_KEPT:
+            del _prefix_messages[next(iter(_prefix_messages))]
         self._prefix_tokens = self._count_messages([self._prefix_message])
         self._gen_tokens = self.tokenizer.count(render_chat([], add_generation_prompt=True))
         # Token counts of summaries, by their whole text (no key can collide):
@@ -346,17 +376,17 @@ class ContextBuilder:
     def _account(
         self, state: _Previous, prompt_text: str, prompt_tokens: int, compacted: bool
     ) -> PrefixAccount:
-        prev = state.last_rendered
-        if prev is None:
-            # L1 miss or first turn: the previous prompt+reply is what the stored
-            # context renders to, if this pod could not keep it in memory.
-            if state.turn_count == 0:
-                return PrefixAccount(prompt_tokens, 0, 0, None)
-            prev = self._rendered(state.context_summary, state.turns)
+        mark = state.last_rendered
+        if mark is None and state.turn_count == 0:
+            return PrefixAccount(prompt_tokens, 0, 0, None)
+        if mark is not None and extends(prompt_text, mark):
+            # The usual turn: the prompt extends the previous prompt + reply.
+            return self._extended(prompt_text, prompt_tokens, mark[0])
+        # A break, or an L1 miss: the previous prompt + reply is what the session's
+        # turns as they were render to, under the prefix they were sent with.
+        prev = self._rendered(state.context_summary, state.turns, state.prefix_version)
         if prompt_text.startswith(prev):
-            # Count only the new tail: the rest is a known, unchanged prefix.
-            n = prompt_tokens - self.tokenizer.count(prompt_text[len(prev) :])
-            return PrefixAccount(prompt_tokens, _blocks(min(n, prompt_tokens - 1)), None, None)
+            return self._extended(prompt_text, prompt_tokens, len(prev))
         pos = _common_prefix_len(prev, prompt_text)
         # Token-level common prefix: a difference inside a word changes that
         # word's tokens, so compare token lists (only on a break, which is rare).
@@ -366,6 +396,11 @@ class ContextBuilder:
         reason = self._blame(state, prompt_text, pos, compacted)
         return PrefixAccount(prompt_tokens, _blocks(min(tokens_before, prompt_tokens - 1)),
                              tokens_before, reason)  # fmt: skip
+
+    def _extended(self, prompt_text: str, prompt_tokens: int, prev_len: int) -> PrefixAccount:
+        # Count only the new tail: the rest is a known, unchanged prefix.
+        n = prompt_tokens - self.tokenizer.count(prompt_text[prev_len:])
+        return PrefixAccount(prompt_tokens, _blocks(min(n, prompt_tokens - 1)), None, None)
 
     def _blame(self, state: _Previous, prompt_text: str, pos: int, compacted: bool) -> str:
         old = state.prefix_version
@@ -381,13 +416,18 @@ class ContextBuilder:
 
     def rendered_history(self, state: SessionState) -> str:
         """The previous prompt + reply as this pod would have sent them."""
-        return self._rendered(state.context_summary, state.turns)
+        return self._rendered(state.context_summary, state.turns, state.prefix_version)
 
-    def _rendered(self, context_summary: str, turns: Sequence[Turn]) -> str:
+    def _rendered(
+        self, context_summary: str, turns: Sequence[Turn], prefix_version: str = ""
+    ) -> str:
+        # The prefix the session was last sent with, if this process built it
+        # (else the current one: a session from an older process).
+        prefix = _prefix_messages.get(prefix_version, self._prefix_message)
         if not turns:
-            return render_chat(self.messages_for(context_summary, [], None))
+            return render_chat([prefix, *self.messages_for(context_summary, [], None)[1:]])
         *before, last = turns
-        msgs = self.messages_for(context_summary, before, None)
+        msgs = [prefix, *self.messages_for(context_summary, before, None)[1:]]
         tail = self.turn_messages(last)
         reply = ""
         if tail and tail[-1].get("role") == "assistant" and not tail[-1].get("tool_calls"):
@@ -397,8 +437,10 @@ class ContextBuilder:
         return render_chat([*msgs, *tail], add_generation_prompt=True) + reply
 
     @staticmethod
-    def after_reply(plan: ContextPlan, reply: str) -> str:
-        return plan.prompt_text + reply
+    def after_reply(plan: ContextPlan, reply: str) -> RenderedMark:
+        """The mark of the prompt + reply as sent, for the next turn's accounting
+        (``SessionState.last_rendered``): a length and a digest, not the text."""
+        return rendered_mark(plan.prompt_text, reply)
 
 
 def _blocks(n: int) -> int:

@@ -1,6 +1,8 @@
 """L1: the in-process pool of hot sessions on one pod.
 
-An LRU bounded by session count and by (approximate) bytes. A hit costs no I/O.
+An LRU bounded by session count and by bytes: what each session's objects take
+in this process (``SessionState.approx_bytes``, checked against ``tracemalloc``),
+plus the pool's own entry. A hit costs no I/O.
 Each session also has an asyncio lock here, so two turns of one session on this
 pod run one after the other; across pods the version compare-and-set of the L2
 commit keeps state consistent.
@@ -15,9 +17,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from memory.models import SessionState
+from memory.models import SessionState, Turn
 
 Key = tuple[str, str]
+
+# What the pool itself spends per session, on top of ``SessionState.approx_bytes``:
+# the entry, its key tuple, its float timestamp and its slot in the ordered dict.
+ENTRY_BYTES = 256
+# And per turn, for the size it keeps of each (a dict slot and a pair).
+TURN_SIZE_BYTES = 112
 
 
 @dataclass(slots=True)
@@ -25,6 +33,9 @@ class _Entry:
     state: SessionState
     size: int
     last_used: float
+    # Each turn's size, by object (held, so its id cannot be reused): a commit
+    # sizes only its new turn, not the whole live context again.
+    turn_sizes: dict[int, tuple[Turn, int]]
 
 
 class L1Pool:
@@ -70,8 +81,18 @@ class L1Pool:
         old = self._entries.pop(key, None)
         if old is not None:
             self.bytes -= old.size
-        size = state.approx_bytes()
-        self._entries[key] = _Entry(state, size, time.monotonic())
+        known = old.turn_sizes if old is not None else {}
+        sizes: dict[int, tuple[Turn, int]] = {}
+
+        def turn_bytes(turn: Turn) -> int:
+            held = known.get(id(turn))
+            n = held[1] if held is not None else turn.approx_bytes()
+            sizes[id(turn)] = (turn, n)
+            return n
+
+        size = state.approx_bytes(turn_bytes)
+        size += ENTRY_BYTES + TURN_SIZE_BYTES * len(sizes)
+        self._entries[key] = _Entry(state, size, time.monotonic(), sizes)
         self.bytes += size
         self._shrink()
 

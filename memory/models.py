@@ -7,6 +7,8 @@ conversation.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +20,10 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMAS = ("1", "2")
 
 TurnStatus = Literal["complete", "failed", "interrupted"]
+
+# (length in characters, digest) of a prompt + reply: what the next turn's prefix
+# accounting checks its prompt against (memory.context.ContextBuilder.after_reply).
+RenderedMark = tuple[int, bytes]
 
 # One OpenAI-format chat message: {"role": "user"|"assistant"|"tool"|"system",
 # "content": str | None, "tool_calls": [...], "tool_call_id": str, "name": str}.
@@ -31,6 +37,31 @@ def _v1_messages(user: str, assistant: str, status: str) -> list[Message]:
     if status != "failed" or assistant:
         msgs.append({"role": "assistant", "content": assistant})
     return msgs
+
+
+# CPython's small-object allocator hands out blocks in multiples of 16 bytes.
+_FLOAT = 32
+
+
+def _alloc(n: int) -> int:
+    return (n + 15) & ~15
+
+
+def _size_of(obj: Any, depth: int = 0) -> int:
+    """Bytes of ``obj`` and what it holds, as CPython allocates them: JSON-like
+    values (str, numbers, lists, tuples, dicts). Dict keys are not counted: a
+    message's and a usage dict's keys are the same interned strings in every
+    turn. ``None``, booleans and the empty string are shared singletons."""
+    if obj is None or obj is True or obj is False or (type(obj) is str and not obj):
+        return 0
+    size = _alloc(sys.getsizeof(obj))
+    if depth > 8:
+        return size
+    if isinstance(obj, dict):
+        size += sum(_size_of(v, depth + 1) for v in obj.values())
+    elif isinstance(obj, list | tuple):
+        size += sum(_size_of(v, depth + 1) for v in obj)
+    return size
 
 
 @dataclass(slots=True)
@@ -121,12 +152,17 @@ class Turn:
         )
 
     def approx_bytes(self) -> int:
-        # The object graph in CPython: the dataclass, each message dict and its
-        # strings (about 50 bytes of header each) plus the text itself.
-        size = 200 + len(self.memories or "")
-        for m in self.messages:
-            size += 232 + sum(len(str(v)) + 50 for v in m.values())
-        return size
+        """The memory this turn's objects take in this process: the object, its
+        message dicts and their strings, usage, memory hits (see ``_size_of``)."""
+        return (
+            _alloc(sys.getsizeof(self))
+            + _size_of(self.turn_id)
+            + _size_of(self.messages)
+            + _size_of(self.memories)
+            + _size_of(self.usage)
+            + _size_of(self.memory_hits)
+            + _FLOAT  # created_at (index and n_tokens: small ints, or 32 bytes each)
+        )
 
 
 @dataclass(slots=True)
@@ -153,21 +189,27 @@ class SessionState:
     created_at: float = 0.0
     updated_at: float = 0.0
     turns: list[Turn] = field(default_factory=list)  # turns context_start..turn_count
-    # Text of the previous prompt and reply as rendered, for prefix accounting.
-    last_rendered: str | None = None
+    # The previous prompt + reply as sent, for prefix accounting: its length in
+    # characters and a digest, never a second copy of the text (memory.context).
+    last_rendered: RenderedMark | None = None
 
     @property
     def unarchived(self) -> int:
         return self.turn_count - self.archived_upto
 
-    def approx_bytes(self) -> int:
-        return (
-            512
-            + len(self.context_summary)
-            + len(self.summary)
-            + len(self.last_rendered or "")
-            + sum(t.approx_bytes() for t in self.turns)
-        )
+    def approx_bytes(self, turn_bytes: Callable[[Turn], int] = Turn.approx_bytes) -> int:
+        """The memory this session's objects take in this process (what L1 holds
+        of it): the object and its strings, the turn list and each turn (sized by
+        ``turn_bytes``: L1 keeps each turn's size), the prefix-accounting mark.
+        Measured against ``tracemalloc`` in tests/unit/test_l1_accounting.py."""
+        size = _alloc(sys.getsizeof(self)) + 4 * _FLOAT  # + numbers: versions, times
+        for text in (self.tenant, self.session_id, self.user_id, self.context_summary,
+                     self.summary, self.prefix_version, self.checkpoint_id):  # fmt: skip
+            size += _size_of(text)
+        size += _alloc(sys.getsizeof(self.turns)) + sum(map(turn_bytes, self.turns))
+        if self.last_rendered is not None:
+            size += _size_of(self.last_rendered)
+        return size
 
     def meta_fields(self) -> dict[str, str]:
         """The meta hash as stored in L2 (all values as strings)."""

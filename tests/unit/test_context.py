@@ -25,7 +25,9 @@ from memory.context import (
     ContextBuilder,
     ContextPlan,
     StablePrefix,
+    extends,
     render_memories,
+    rendered_mark,
     user_content,
 )
 from memory.models import SessionState, Turn, TurnStatus
@@ -262,10 +264,11 @@ def test_first_diff_token_is_the_token_level_common_prefix(tok: Tokenizer) -> No
     old = ContextBuilder(StablePrefix("You help customers with their orders today."), tok, 10**6)
     new = ContextBuilder(StablePrefix("You help customers with their ordering today."), tok, 10**6)
     state = new_state()
-    play(old, state, EXCHANGES[:1])
-    assert state.last_rendered is not None
+    (first,) = play(old, state, EXCHANGES[:1])
+    sent = first.prompt_text + EXCHANGES[0][1]
+    assert state.last_rendered == rendered_mark(sent)
     plan = new.plan(state, "next", None)
-    truth = common_tokens(tok.encode(state.last_rendered), tok.encode(plan.prompt_text))
+    truth = common_tokens(tok.encode(sent), tok.encode(plan.prompt_text))
     assert plan.account.first_diff_token == truth
 
 
@@ -307,7 +310,10 @@ def test_each_prompt_extends_the_previous_prompt_and_reply(
             assert cached <= account.expected_cacheable
         commit(state, plan, message, reply, block)
         previous = plan.prompt_text + reply
-        assert state.last_rendered == previous
+        assert state.last_rendered == rendered_mark(previous)
+        assert extends(previous + "more", state.last_rendered)
+        assert not extends(previous[:-1], state.last_rendered)
+        assert not extends(previous[:-1] + "#", state.last_rendered)
 
 
 def test_a_retried_failed_turn_resends_the_same_prompt(builder: ContextBuilder) -> None:
@@ -329,10 +335,10 @@ def test_a_retried_failed_turn_resends_the_same_prompt(builder: ContextBuilder) 
 
 def test_memories_are_appended_at_their_turn_and_never_move(builder: ContextBuilder) -> None:
     state = new_state()
-    play(builder, state, EXCHANGES[:2])
+    plans = play(builder, state, EXCHANGES[:2])
     block = render_memories([hit("Order B-0990 was refunded in May."), hit("Likes sci-fi.", 2)])
-    before = state.last_rendered
-    assert before is not None
+    before = plans[-1].prompt_text + EXCHANGES[1][1]
+    assert state.last_rendered == rendered_mark(before)
 
     message, reply = EXCHANGES[2]
     plan = builder.plan(state, message, block)
@@ -344,16 +350,16 @@ def test_memories_are_appended_at_their_turn_and_never_move(builder: ContextBuil
     assert plan.account.reason is None
     commit(state, plan, message, reply, block)
     offset = plan.prompt_text.index(block)
+    previous = plan.prompt_text + reply
 
     for message, reply in EXCHANGES[3:6]:
-        previous = state.last_rendered
-        assert previous is not None
         later = builder.plan(state, message, None)
         assert later.prompt_text.startswith(previous)
         assert later.prompt_text.count(block) == 1
         assert later.prompt_text.index(block) == offset
         assert later.account.reason is None
         commit(state, later, message, reply)
+        previous = later.prompt_text + reply
 
 
 def test_retrieved_text_cannot_close_the_memory_block() -> None:
@@ -402,9 +408,9 @@ def test_compaction_happens_only_over_budget_in_one_step(
     state.summary = "The customer waits for order B-1042 and asked about refunds."
     exchanges = EXCHANGES * 3
     compactions = 0
+    previous: str | None = None
     for i, (message, reply) in enumerate(exchanges):
         uncompacted = _sizes(prefix, tok, state, message)
-        previous = state.last_rendered
         plan = builder.plan(state, message, None)
         assert plan.prompt_tokens == tok.count(plan.prompt_text)
         if uncompacted <= budget:
@@ -444,6 +450,7 @@ def test_compaction_happens_only_over_budget_in_one_step(
             assert plan.account.expected_cacheable == blocks(plan.account.first_diff_token)
         assert plan.prompt_tokens <= budget
         commit(state, plan, message, reply)
+        previous = plan.prompt_text + reply
         assert i + 1 == state.turn_count
     assert compactions >= 2
 
@@ -502,9 +509,9 @@ def test_rendered_history_on_l1_miss_is_what_the_pod_sent(
         memories = block if i == 2 else None
         plan = builder.plan(state, message, memories)
         commit(state, plan, message, sent, memories, status)
-        assert state.last_rendered is not None
+        assert state.last_rendered == rendered_mark(plan.prompt_text + sent)
         reloaded = l2_reload(state)
-        assert builder.rendered_history(reloaded) == state.last_rendered
+        assert builder.rendered_history(reloaded) == plan.prompt_text + sent
         # So the next turn's accounting is the same on any pod.
         nxt = f"Follow-up {i}."
         on_l1 = builder.plan(state, nxt, None).account
