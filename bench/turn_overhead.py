@@ -582,7 +582,7 @@ def tables(levels: list[dict[str, Any]], fig: dict[str, Any] | None, args: argpa
 
     t = Table(
         "tiermem: route entry to the LLM call, median ms",
-        ["sessions", "app: route to graph run", "LangGraph steps", "nodes: load + guard",
+        ["sessions", "app: route to graph run", "LangGraph steps", "nodes: prepare",
          "prompt plan", "before LLM (whole)", "bare relay before LLM"],
     )  # fmt: skip
     for r in levels:
@@ -635,7 +635,7 @@ def tables(levels: list[dict[str, Any]], fig: dict[str, Any] | None, args: argpa
             f"{args.figures_token_interval_ms:g} ms/token. Own time: route entry to end of "
             "turn minus time awaiting the LLM stream (includes prompt building, relaying "
             "tokens, LangGraph). Before LLM: route entry to the LLM request; after LLM: end of "
-            "the LLM stream to end of turn (commit, done). Graph nodes: load + guard + plan "
+            "the LLM stream to end of turn (commit, done). Graph nodes: prepare + plan "
             "+ commit as the graph times them. "
             "Round trips to done: tiermem_l2_round_trips_total; MONITOR counts commands sent by "
             "clients (not by scripts) between markers. An L1-hit turn without archiving ran "
