@@ -418,8 +418,8 @@ class L3Store:
         """The batches of a session that hold any turn of ``first..last``, ordered by
         ``first_turn`` (what a page of the session's history needs, not all of it)."""
         _check_turns(first, last)
-        expr = f"{_scope(tenant, session_id=session_id)} and first_turn <= {last} and " \
-            f"last_turn >= {first}"  # fmt: skip
+        expr = _scope(tenant, session_id=session_id)
+        expr += f" and first_turn <= {last} and last_turn >= {first}"
         await self._ensure()
         try:
             rows = await self.milvus.query(
