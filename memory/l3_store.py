@@ -384,33 +384,7 @@ class L3Store:
     async def list_batches(self, tenant: str, session_id: str) -> list[MemoryRecord]:
         """The batches of a session, ordered by ``first_turn`` (at most ``MAX_ROWS``)."""
         expr = _scope(tenant, session_id=session_id)
-        await self._ensure()
-        try:
-            rows = await self.milvus.query(
-                self.collection,
-                filter=expr,
-                output_fields=_RECORD_FIELDS,
-                limit=MAX_ROWS,
-                consistency_level="Strong",
-            )
-        except MilvusError as exc:
-            raise self._unavailable(exc) from exc
-        records = [
-            MemoryRecord(
-                batch_id=str(r["batch_id"]),
-                tenant=str(r["tenant"]),
-                user_id=str(r["user_id"]),
-                session_id=str(r["session_id"]),
-                first_turn=int(r["first_turn"]),
-                last_turn=int(r["last_turn"]),
-                text=str(r["text"]),
-                created_at=float(r["created_at"]),
-            )
-            for r in rows
-            if r.get("tenant") == tenant
-        ]
-        records.sort(key=lambda rec: (rec.first_turn, rec.last_turn))
-        return records
+        return await self._records(tenant, expr)
 
     async def batches_overlapping(
         self, tenant: str, session_id: str, first: int, last: int
@@ -420,6 +394,11 @@ class L3Store:
         _check_turns(first, last)
         expr = _scope(tenant, session_id=session_id)
         expr += f" and first_turn <= {last} and last_turn >= {first}"
+        return await self._records(tenant, expr)
+
+    async def _records(self, tenant: str, expr: str) -> list[MemoryRecord]:
+        """The rows ``expr`` (built on ``_scope``) selects, as records, ordered by
+        turn range; a row of another tenant is never returned."""
         await self._ensure()
         try:
             rows = await self.milvus.query(
