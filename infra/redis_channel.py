@@ -27,7 +27,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -195,15 +195,19 @@ class ChannelListener:
                 host, port, kw = self._target()
                 tls = ssl.create_default_context() if kw.get("_tls") or kw.get("ssl") else None
                 async with asyncio.timeout(self._connect_timeout_s):
-                    transport, proto = await loop.create_connection(
+                    made, proto = await loop.create_connection(
                         lambda: _Subscriber(self), host, port, ssl=tls
                     )
-                assert isinstance(transport, asyncio.WriteTransport)
+                # A stream transport, though not always of asyncio's class: uvloop's
+                # TCPTransport (what `tiermem serve` runs on) does not derive from
+                # asyncio.WriteTransport, so no isinstance check here.
+                transport = made
+                writer = cast(asyncio.WriteTransport, made)
                 if kw.get("password"):
                     user = kw.get("username")
                     auth = ("AUTH", user, kw["password"]) if user else ("AUTH", kw["password"])
-                    transport.write(_command(*auth))
-                transport.write(_command("SUBSCRIBE", self._channel.decode()))
+                    writer.write(_command(*auth))
+                writer.write(_command("SUBSCRIBE", self._channel.decode()))
                 while not proto.lost.done():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(proto.lost), PING_EVERY_S)
@@ -211,7 +215,7 @@ class ChannelListener:
                         break
                     if self.subscribed.is_set():
                         delay = BACKOFF_FIRST_S
-                    transport.write(_command("PING"))
+                    writer.write(_command("PING"))
                 log.warning("lost the Redis channel %s; again in %.1f s", self._channel, delay)
             except asyncio.CancelledError:
                 raise
