@@ -162,7 +162,9 @@ class Services:
             await asyncio.wait_for(
                 self.invalidations.subscribed.wait(), timeout=s.redis_socket_timeout_s * 2
             )
-        self.l3 = L3Store(self.milvus, self.embedder, s.milvus_collection, s.embedding_dim)
+        self.l3 = L3Store.from_settings(
+            s, self.milvus, self.embedder, metrics=self.metrics, cpu=self.executors.cpu
+        )
         try:
             await self.l3.ensure_collection()
         except TiermemError as exc:

@@ -36,7 +36,7 @@ from infra.settings import Settings
 from memory.archiver import Archiver
 from memory.context import ContextBuilder, render_memories
 from memory.l2_store import CheckpointWrite, L2Store
-from memory.l3_store import L3Store
+from memory.l3_store import L3Store, batch_id_for, memory_hit_json
 from memory.metrics import Metrics
 from memory.models import Message, SessionState, Turn
 from memory.sessions import Sessions, retryable_in_place
@@ -134,11 +134,7 @@ class TurnNodes:
                 d.metrics.errors.labels("retrieve").inc()
                 return {"memories": [], "memory_block": None,
                         "timings": {"retrieve": _since(t0)}}  # fmt: skip
-            hits = [
-                {"batch_id": h.batch_id, "session_id": h.session_id, "first_turn": h.first_turn,
-                 "last_turn": h.last_turn, "text": h.text, "score": round(h.score, 4)}
-                for h in found
-            ]  # fmt: skip
+            hits = [memory_hit_json(h) for h in found]
             await d.l2.store_retrieval(tenant, session_id, user, message, k, generation, hits)
         d.metrics.retrievals.labels(source).inc()
         if hits:
@@ -240,7 +236,7 @@ class TurnNodes:
         version = committed.version
         self._record_metrics(d.metrics, usage, reason)
         archive_batch = _due(d, session, turn.index, threshold)
-        usage["archived_batch"] = archive_batch
+        usage["archived_batch"] = _made_due(session, turn.index, threshold)
         fields = {"turn_id": turn.turn_id, "turn": turn.index, "version": version,
                   "status": status, "usage": usage}  # fmt: skip
         if interrupted_by:
@@ -311,6 +307,16 @@ def _due(d: TurnDeps, session: SessionState, index: int, threshold: int) -> str 
 
 
 def _replay(ctx: TurnContext, turn_id: str, session_id: str, turn: Turn) -> None:
+def _made_due(session: SessionState, index: int, threshold: int) -> str | None:
+    """The batch this very commit completed (its last turn is this one), or None:
+    reported once, not again on every turn while the archiver is behind. Batches
+    are cut from the archive cursor in threshold steps, as the archiver cuts them."""
+    pending = index - session.archived_upto
+    if pending < threshold or pending % threshold:
+        return None
+    return batch_id_for(session.tenant, session.session_id, index - threshold + 1, index)
+
+
     """A finished turn asked for again (a retry, or Last-Event-ID): sent whole
     from L2, without the LLM and without writing anything."""
     emit = ctx.control.emit

@@ -19,10 +19,12 @@ different spaces: ``name`` identifies the space, so nothing mixes them silently.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import importlib
 import importlib.util
 import itertools
+import json
 import logging
 import os
 import re
@@ -34,9 +36,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import httpx
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
 
 from infra.errors import Unavailable
 from infra.settings import Settings
+from infra.tokenizer import minilm_tokenizer_path
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +57,45 @@ class EmbeddingError(Unavailable):
 
 @runtime_checkable
 class Embedder(Protocol):
+    """``max_tokens`` is the embedder's real window: the tokens of one input it
+    reads (special tokens excluded); the rest of a longer input is cut by the model.
+    ``count_tokens`` counts the way the model does, so callers (L3's chunker) can
+    keep inputs inside the window instead of letting the model cut them."""
+
     name: str
     dim: int
+    max_tokens: int
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         """One L2-normalised vector of ``dim`` floats per text, in input order."""
         ...
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the model reads of ``text`` before any cut (fast, CPU-bound)."""
+        ...
+
+
+@functools.cache
+def _wordpiece() -> HFTokenizer | None:
+    """The MiniLM WordPiece tokenizer from the package's files, with the file's
+    128-token truncation off (counts must see the whole text); None without it."""
+    path = minilm_tokenizer_path()
+    if path is None:
+        return None
+    tok = HFTokenizer.from_file(str(path))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def wordpiece_count(text: str) -> int:
+    """Tokens of ``text`` for a BERT-style model: MiniLM's WordPiece when the
+    package is installed, else one token per word or punctuation mark (the same
+    split WordPiece starts from, so never more than it counts)."""
+    tok = _wordpiece()
+    if tok is None:
+        return len(_TOKEN_RE.findall(text))
+    return len(tok.encode(text, add_special_tokens=False).ids)
 
 
 async def close_embedder(embedder: Embedder) -> None:
@@ -81,6 +118,10 @@ def _check_texts(texts: Sequence[str]) -> None:
 # --- feature hashing ----------------------------------------------------------------------
 
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+# The hashing embedder has no window of its own; it gets MiniLM's so L3 chunks the
+# same way whichever embedder fills it.
+HASHING_MAX_TOKENS = 254
 
 
 class HashingEmbedder:
@@ -95,7 +136,11 @@ class HashingEmbedder:
             raise ValueError("dim must be at least 2")
         self.dim = dim
         self.name = f"hash-v1-{dim}"
+        self.max_tokens = HASHING_MAX_TOKENS
         self._executor = executor
+
+    def count_tokens(self, text: str) -> int:
+        return len(_TOKEN_RE.findall(text))
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         _check_texts(texts)
@@ -165,8 +210,9 @@ class MiniLMEmbedder:
     """all-MiniLM-L6-v2 (384 dims) from the bundled package files, on CPU, offline.
 
     The model loads lazily, once, in the executor; concurrent first calls wait for
-    the same load. Inputs longer than the model's 256 word pieces are truncated by
-    the model.
+    the same load. The model reads ``max_seq_length`` word pieces (256, from the
+    package's ``sentence_bert_config.json``) including [CLS] and [SEP]: inputs of
+    more than ``max_tokens`` = 254 are cut by the model, so L3 chunks to fit.
     """
 
     dim = MINILM_DIM
@@ -179,6 +225,7 @@ class MiniLMEmbedder:
         batch_size: int = 32,
     ) -> None:
         self.name = "minilm-l6-v2"
+        self.max_tokens = _minilm_window(model_path)
         self._executor = executor
         self._model_path = model_path
         self._device = device
@@ -189,6 +236,9 @@ class MiniLMEmbedder:
     @property
     def loaded(self) -> bool:
         return self._model is not None
+
+    def count_tokens(self, text: str) -> int:
+        return wordpiece_count(text)
 
     async def warmup(self) -> None:
         """Load the model now (in the executor) instead of on the first embed."""
@@ -249,6 +299,17 @@ class MiniLMEmbedder:
         return [[float(x) for x in row] for row in vectors]
 
 
+def _minilm_window(model_path: Path | None) -> int:
+    """Word pieces of content MiniLM reads: its ``max_seq_length`` less [CLS] and
+    [SEP]; 254 when the config cannot be read."""
+    try:
+        path = model_path or minilm_model_path()
+        config = json.loads((path / "sentence_bert_config.json").read_text())
+        return int(config["max_seq_length"]) - 2
+    except (OSError, ValueError, KeyError, EmbeddingError, ImportError):
+        return 254
+
+
 # --- OpenAI-compatible server ----------------------------------------------------------------
 
 
@@ -269,11 +330,18 @@ class OpenAIEmbedder:
         timeout_s: float = 30.0,
         connect_timeout_s: float = 5.0,
         max_batch: int = 128,
+        max_tokens: int = 510,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if max_tokens < 16:
+            raise ValueError("max_tokens must be at least 16")
         self.name = f"openai:{model}"
         self.dim = dim
+        # What the server's model reads per input: its tokenizer is not ours, so
+        # counts are WordPiece estimates; TIERMEM_EMBEDDINGS_MAX_TOKENS should
+        # leave room for the difference.
+        self.max_tokens = max_tokens
         self._url = base_url.rstrip("/") + "/embeddings"
         self._model = model
         self._max_batch = max_batch
@@ -284,6 +352,9 @@ class OpenAIEmbedder:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    def count_tokens(self, text: str) -> int:
+        return wordpiece_count(text)
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         _check_texts(texts)
@@ -330,7 +401,9 @@ def build_embedder(settings: Settings, executor: Executor) -> Embedder:
     lowered = choice.lower()
     dim = settings.embedding_dim
     if lowered.startswith(("http://", "https://")):
-        return OpenAIEmbedder(choice, settings.embeddings_model, dim)
+        return OpenAIEmbedder(
+            choice, settings.embeddings_model, dim, max_tokens=settings.embeddings_max_tokens
+        )
     if lowered == "hash":
         return HashingEmbedder(dim, executor)
     if lowered == "minilm":

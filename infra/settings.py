@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     # --- input limits ------------------------------------------------------------
     max_message_chars: int = Field(default=16_000, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=256)
+    # Tokens one input of an /embeddings server's model reads (its window, less its
+    # special tokens); L3 chunks what it embeds to fit. The built-in embedders know
+    # their own.
+    embeddings_max_tokens: int = Field(default=510, ge=16, le=32_768)
+    # L3 chunks of a batch's transcript: at most this many tokens (0: the embedder's
+    # whole window). Recorded in the collection: pods sharing one must agree.
+    l3_chunk_tokens: int = Field(default=0, ge=0, le=32_768)
 
     # --- HTTP --------------------------------------------------------------------
     host: str = "127.0.0.1"

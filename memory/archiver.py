@@ -30,12 +30,16 @@ from memory.l2_store import L2Error, L2Store
 from memory.l3_store import L3Store, L3Unavailable, MemoryRecord, batch_id_for
 from memory.metrics import Metrics
 from memory.models import Turn
-from memory.summaries import SUMMARY_PROMPT, extractive_summary, transcript
+from memory.summaries import (
+    SUMMARY_PROMPT,
+    extractive_summary,
+    transcript,
+    ungrounded_terms,
+)
 
 log = logging.getLogger("tiermem.archiver")
 
 RUNNING_SUMMARY_MAX_CHARS = 4000
-L3_TEXT_MAX_CHARS = 30_000
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 300.0
 
@@ -176,13 +180,17 @@ class Archiver:
             return None
         if not ignore_backoff and record.next_try_at > time.time():
             return None
+        text = transcript(turns)
         summary = record.summary
         if not summary:
-            summary = await self._summarise(turns, session)
+            summary = await self._summarise(turns, session, text)
             await self.l2.save_batch_summary(tenant, session, batch_id, summary)
-        text = f"{summary}\n\n{transcript(turns)}"[:L3_TEXT_MAX_CHARS]
+        # An extractive summary repeats the turns' first sentences: nothing to
+        # find in it that the chunks lack, so only a model's summary is indexed.
+        # (Decided from the text, so a retried batch writes the same rows.)
+        indexed = "" if summary == extractive_summary(turns) else summary
         try:
-            await self.l3.upsert_batch(
+            rows = await self.l3.upsert_batch(
                 MemoryRecord(
                     batch_id=batch_id,
                     tenant=tenant,
@@ -192,6 +200,7 @@ class Archiver:
                     last_turn=last,
                     text=text,
                     created_at=time.time(),
+                    summary=indexed,
                 )
             )
         except L3Unavailable as exc:
@@ -208,6 +217,7 @@ class Archiver:
             )  # fmt: skip
             return None
         self.metrics.l3_writes.inc()
+        self.metrics.l3_rows.inc(rows)
         if self.after_upsert is not None:
             await self.after_upsert(batch_id)
         running = merge_summaries(state.summary, summary)
@@ -225,10 +235,13 @@ class Archiver:
         )  # fmt: skip
         return ArchiveResult(batch_id, first, last, version, running)
 
-    async def _summarise(self, turns: list[Turn], session: str) -> str:
+    async def _summarise(self, turns: list[Turn], session: str, text: str) -> str:
+        """The batch's summary: the LLM's, unless it fails or names or numbers
+        something the turns do not (``ungrounded_terms``); then an extractive one,
+        which the archive does not index."""
         messages: list[ChatMessage] = [
             {"role": "system", "content": SUMMARY_PROMPT},
-            {"role": "user", "content": transcript(turns)},
+            {"role": "user", "content": text},
         ]
         try:
             result = await self.llm.complete(messages, session_key=session, max_tokens=256)
@@ -239,7 +252,18 @@ class Archiver:
         usage = result.usage
         if usage is not None:
             self.metrics.summary_tokens.inc(usage.prompt_tokens + usage.completion_tokens)
-        return result.text.strip() or extractive_summary(turns)
+        summary = result.text.strip()
+        if not summary:
+            return extractive_summary(turns)
+        invented = ungrounded_terms(summary, text)
+        if invented:
+            self.metrics.summaries_rejected.inc()
+            log.warning(
+                "batch summary names or numbers what the turns do not; kept out of L3",
+                extra={"session": session, "terms": invented[:5]},
+            )
+            return extractive_summary(turns)
+        return summary
 
     # --- sweeper ----------------------------------------------------------------------
     async def sweep_once(self, now: float | None = None) -> int:
@@ -247,21 +271,29 @@ class Archiver:
         L3) and idle tails. Returns the number of batches archived."""
         now = time.time() if now is None else now
         archived = 0
+        backlog = 0
         try:
             async for tenant, session, meta in self.l2.scan_sessions():
                 unarchived = int(meta["turn_count"]) - int(meta["archived_upto"])
                 if unarchived <= 0:
                     continue
                 idle = now - float(meta["updated_at"] or 0) > self.idle_after_s
-                if unarchived < self.threshold and not idle:
+                tail = 1 if idle and unarchived % self.threshold else 0
+                due = unarchived // self.threshold + tail
+                if not due:
                     continue
+                done = 0
                 while True:
                     result = await self.archive_once(tenant, session, force=idle)
                     if result is None:
                         break
-                    archived += 1
+                    done += 1
+                archived += done
+                backlog += max(0, due - done)
         except (L2Error, OSError) as exc:
             log.warning("sweep stopped early: %s", exc)
+            return archived
+        self.metrics.archive_backlog.set(backlog)
         return archived
 
     async def sweep_forever(self, interval_s: float) -> None:

@@ -3,13 +3,13 @@ turns, then from the transcripts of the archived batches in L3.
 
 Turns ``log_base..turn_count`` are in the L2 log (exactly as committed); older ones
 were trimmed after archiving (``l2_scripts.ADVANCE``) and survive only as the
-transcript in their batch's L3 text (``archiver``: ``summary + "\\n\\n" +
-transcript``, cut to ``L3_TEXT_MAX_CHARS``), read back by
-``summaries.parse_transcript``. Such a turn is a reconstruction: roles, texts and
-tool calls as the transcript wrote them (tool results cut to 300 characters, no
-tool-call ids), and ``complete: false`` when the batch's text was cut inside or
-before it. A turn no stored batch holds (forgotten, or its batch missing) is listed
-as ``source: "missing"`` with no messages, so a page always has every index.
+transcript of their batch in L3 (its chunks, reassembled by ``L3Store``), read
+back by ``summaries.parse_transcript``. Such a turn is a reconstruction: roles,
+texts and tool calls as the transcript wrote them (tool results cut to 300
+characters, no tool-call ids). Batches of the L3 schema before chunks had their
+text cut at 30,000 characters: a turn that cut reached is ``complete: false``.
+A turn no stored batch holds (forgotten, or its batch missing) is listed as
+``source: "missing"`` with no messages, so a page always has every index.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.errors import InvalidInput
-from memory.archiver import L3_TEXT_MAX_CHARS
 from memory.l2_store import L2Error, L2Store
-from memory.l3_store import TEXT_MAX_BYTES, L3Store, MemoryRecord
+from memory.l3_store import L3Store, MemoryRecord
 from memory.models import Message, SessionState, Turn
 from memory.summaries import parse_transcript
 
@@ -103,12 +102,6 @@ def _l2_turn(t: Turn, archived_upto: int) -> dict[str, Any]:
     }
 
 
-def _was_cut(text: str) -> bool:
-    """Whether the batch's text may have been cut (by the archiver's character cap,
-    or by L3's byte cap), so its last turn may lack lines."""
-    return len(text) >= L3_TEXT_MAX_CHARS or len(text.encode("utf-8")) > TEXT_MAX_BYTES - 4
-
-
 async def _from_l3(
     l3: L3Store, tenant: str, session_id: str, first: int, last: int
 ) -> list[dict[str, Any]]:
@@ -120,7 +113,7 @@ async def _from_l3(
     for rec in records:
         parsed = parse_transcript(rec.text, rec.first_turn, rec.last_turn)
         newest = max(parsed, default=0)
-        cut = _was_cut(rec.text)
+        cut = rec.cut
         for n in range(max(first, rec.first_turn), min(last, rec.last_turn) + 1):
             # A turn is whole if a later turn's lines follow it, or if it ends an
             # uncut text; one the cut left out has no messages.

@@ -76,7 +76,30 @@ class Metrics:
         self.archive_batches = Counter(
             "tiermem_archive_batches", "Archive attempts, by result", ["result"], registry=r
         )
-        self.l3_writes = Counter("tiermem_l3_writes", "Rows upserted into L3", registry=r)
+        self.l3_writes = Counter(
+            "tiermem_l3_writes", "Milvus upserts into L3 (one per archived batch)", registry=r
+        )
+        self.l3_rows = Counter(
+            "tiermem_l3_rows", "Rows (pieces) those upserts wrote into L3", registry=r
+        )
+        self.embedding_tokens_cut = Counter(
+            "tiermem_embedding_tokens_cut",
+            "Tokens beyond the embedder's window in inputs it was given (the model cut "
+            "them), by what was embedded: piece or query",
+            ["what"],
+            registry=r,
+        )
+        self.summaries_rejected = Counter(
+            "tiermem_summaries_rejected",
+            "Batch summaries kept out of L3 because they name or number something the "
+            "batch's turns do not",
+            registry=r,
+        )
+        self.archive_backlog = Gauge(
+            "tiermem_archive_backlog",
+            "Due batches not yet in L3, as of this pod's last sweep",
+            registry=r,
+        )
         self.summary_tokens = Counter(
             "tiermem_summary_tokens",
             "LLM tokens spent on memory upkeep (batch summaries), prompt + completion",

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query
 from app.deps import ServicesDep, TenantDep
 from graph.guard import check_message
 from memory.keys import ID_PATTERN
+from memory.l3_store import memory_hit_json
 
 router = APIRouter()
 
@@ -24,17 +25,4 @@ async def search_memories(
     check_message(query, services.settings.max_message_chars)
     # L3Unavailable is a 503 memory_unavailable (app/errors.py).
     hits = await services.l3.search(tenant, user_id, query, k)
-    return {
-        "user_id": user_id,
-        "memories": [
-            {
-                "batch_id": h.batch_id,
-                "session_id": h.session_id,
-                "first_turn": h.first_turn,
-                "last_turn": h.last_turn,
-                "text": h.text,
-                "score": h.score,
-            }
-            for h in hits
-        ],
-    }
+    return {"user_id": user_id, "memories": [memory_hit_json(h) for h in hits]}

@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 
 from app.auth import hash_key
-from memory.archiver import L3_TEXT_MAX_CHARS
 from memory.history import read_history
 from tests.harness import AppServer, make_settings, post_turn
 
@@ -133,12 +132,12 @@ async def test_pages_reach_every_turn_from_l2_then_l3(tmp_path: Path, any_redis_
         assert await read_history(srv.services.l2, srv.services.l3, "globex", session) is None
 
 
-async def test_a_batch_cut_at_the_l3_cap_marks_its_missing_turns(
+async def test_long_turns_come_back_whole_from_l3(
     tmp_path: Path, redis_url: str
 ) -> None:
     settings = keyed_settings(tmp_path, redis_url, archive_threshold=4, context_budget_tokens=256)
     session = sid()
-    big = 12_000  # 4 of these are past the L3 text cap
+    big = 12_000  # 4 of these were past the old 30,000-character L3 text cap
     async with AppServer(settings) as srv, httpx.AsyncClient(timeout=60) as c:
         url = f"{srv.url}/v1/sessions/{session}"
         sent = {}
@@ -158,7 +157,8 @@ async def test_a_batch_cut_at_the_l3_cap_marks_its_missing_turns(
         meta = await srv.services.l2.read_meta("acme", session)
         assert meta is not None
         [batch] = await srv.services.l3.batches_overlapping("acme", session, 1, 4)
-        assert len(batch.text) == L3_TEXT_MAX_CHARS
+        # Stored as pieces, so nothing is cut: the whole batch is there.
+        assert batch.cut is False and len(batch.text) > 4 * big
         turns = (await c.get(f"{url}/turns", params={"limit": 100}, headers=A)).json()["turns"]
         assert [t["turn"] for t in turns] == [8, 7, 6, 5, 4, 3, 2, 1]
         for t in turns:
@@ -166,12 +166,7 @@ async def test_a_batch_cut_at_the_l3_cap_marks_its_missing_turns(
                 assert t["complete"] and t["messages"][0]["content"] == sent[t["turn"]]
         l3_turns = {t["turn"]: t for t in turns if t["source"] == "l3"}
         assert set(l3_turns) == set(range(1, meta.log_base)) and meta.log_base > 5
-        # The cap (30,000 characters) holds the summary, turns 1 and 2, part of turn 3.
-        for i in (1, 2):
-            assert l3_turns[i]["complete"] and l3_turns[i]["messages"][0]["content"] == sent[i]
-        assert l3_turns[3]["complete"] is False
-        assert sent[3].startswith(l3_turns[3]["messages"][0]["content"])
-        assert l3_turns[4] == {
-            "turn": 4, "source": "l3", "batch_id": batch.batch_id, "messages": [],
-            "archived": True, "complete": False,
-        }  # fmt: skip
+        for i in range(1, 5):
+            assert l3_turns[i]["complete"], i
+            assert l3_turns[i]["messages"][0]["content"] == sent[i]
+            assert l3_turns[i]["batch_id"] == batch.batch_id

@@ -44,6 +44,9 @@ async def test_25_turns_make_exactly_two_batches(tmp_path: Path, any_redis_url: 
                 first = i - 9
                 assert r.done["usage"]["archived_batch"] == batch_id_for(TENANT, session, first, i)
                 await wait_archived(c, srv.url, session, i)
+            else:
+                # Once: not again on the turns after it, archived yet or not.
+                assert r.done["usage"]["archived_batch"] is None, i
         assert [d["turn"] for d in dones] == list(range(1, 26))
         state = await wait_archived(c, srv.url, session, 20)
         l3 = srv.services.l3

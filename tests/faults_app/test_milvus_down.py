@@ -298,6 +298,9 @@ async def test_milvus_unreachable_batches_wait_in_l2_then_drain(
             # ... and the sweeper respects it: no attempt before next_try_at.
             attempts = {s: (await _record(app, s, 5, 8)).attempts for s in sessions}
             assert await svc.archiver.sweep_once() == 0
+            # The backlog gauge counts the due batches L3 does not have yet.
+            backlog = svc.metrics.registry
+            assert (backlog.get_sample_value("tiermem_archive_backlog") or 0) >= len(sessions)
             for s in sessions:
                 rec = await _record(app, s, 5, 8)
                 assert rec.attempts == attempts[s] and rec.status == "pending"
@@ -324,6 +327,7 @@ async def test_milvus_unreachable_batches_wait_in_l2_then_drain(
             recovered_s = time.monotonic() - healed_at
             assert swept == len(sessions)  # batch 9..12 of each session
             assert await svc.archiver.sweep_once() == 0
+            assert backlog.get_sample_value("tiermem_archive_backlog") == 0
             assert await svc.ready() == {"redis": True, "milvus": True, "draining": False}
 
             states = {s: (await c.get(f"{app.url}/v1/sessions/{s}")).json() for s in sessions}

@@ -208,11 +208,20 @@ async def test_count_and_list_batches(store: L3Store) -> None:
     assert await store.list_batches("other-tenant", "s1") == []
 
 
-async def test_long_text_is_truncated_by_bytes(store: L3Store) -> None:
-    text = "ü" * 40_000 + "tail"
+async def test_long_text_is_kept_whole_in_pieces(store: L3Store) -> None:
+    """Longer than a VARCHAR field and than the embedder's window: stored as
+    several pieces, none over either, and read back whole (nothing is cut)."""
+    text = "ü" * 40_000 + " tail " + "word " * 3_000
     await store.upsert_batch(record("long", "u", "s", 0, 9, text))
     [row] = await store.list_batches("long", "s")
-    assert row.text == "ü" * (TEXT_MAX_BYTES // 2)
+    assert row.text == text and row.cut is False
+    rows = await store.milvus.query(
+        store.collection, filter='tenant == "long"', output_fields=["text"], limit=100
+    )
+    assert len(rows) > 3
+    for r in rows:
+        assert len(r["text"].encode("utf-8")) <= TEXT_MAX_BYTES
+        assert store.embedder.count_tokens(r["text"]) <= store.window
 
 
 async def test_delete_user(store: L3Store) -> None:
@@ -277,32 +286,43 @@ async def test_other_bad_arguments_are_refused(store: L3Store) -> None:
 
 async def test_the_collection_has_its_fields_and_indexes(store: L3Store) -> None:
     """What infra/milvus.py built from the store's plain description."""
-    described = await store.milvus.describe_collection(COLLECTION)
+    name = store.collection
+    assert name == COLLECTION + "_v2"
+    described = await store.milvus.describe_collection(name)
     fields = {f["name"]: f for f in described["fields"]}
     assert list(fields) == [
-        "batch_id", "tenant", "user_id", "session_id", "first_turn", "last_turn", "text",
-        "created_at", "vector",
+        "piece_id", "batch_id", "tenant", "user_id", "session_id", "first_turn",
+        "last_turn", "kind", "piece", "piece_first", "piece_last", "text", "created_at",
+        "vector", "sparse",
     ]  # fmt: skip
-    assert fields["batch_id"]["is_primary"] is True
+    assert fields["piece_id"]["is_primary"] is True
     assert fields["batch_id"]["params"] == {"max_length": 64}
-    assert fields["text"]["params"] == {"max_length": TEXT_MAX_BYTES}
+    assert fields["text"]["params"] == {"max_length": TEXT_MAX_BYTES, "enable_analyzer": "true"}
     assert fields["vector"]["params"] == {"dim": 384}
-    types = {name: f["type"].name for name, f in fields.items()}
+    assert fields["sparse"].get("is_function_output") is True
+    assert [(f["type"].name, f["input_field_names"], f["output_field_names"])
+            for f in described["functions"]] == [("BM25", ["text"], ["sparse"])]  # fmt: skip
+    types = {n: f["type"].name for n, f in fields.items()}
     assert types == {
-        "batch_id": "VARCHAR", "tenant": "VARCHAR", "user_id": "VARCHAR",
-        "session_id": "VARCHAR", "first_turn": "INT64", "last_turn": "INT64",
-        "text": "VARCHAR", "created_at": "DOUBLE", "vector": "FLOAT_VECTOR",
+        "piece_id": "VARCHAR", "batch_id": "VARCHAR", "tenant": "VARCHAR",
+        "user_id": "VARCHAR", "session_id": "VARCHAR", "first_turn": "INT64",
+        "last_turn": "INT64", "kind": "VARCHAR", "piece": "INT64", "piece_first": "INT64",
+        "piece_last": "INT64", "text": "VARCHAR", "created_at": "DOUBLE",
+        "vector": "FLOAT_VECTOR", "sparse": "SPARSE_FLOAT_VECTOR",
     }  # fmt: skip
     assert described["enable_dynamic_field"] is False and described["auto_id"] is False
     assert described["properties"]["tiermem.embedder"] == "hash-v1-384"
+    assert described["properties"]["tiermem.chunk_tokens"] == str(store.window)
     indexes = {}
-    for name in await store.milvus.call("list_indexes", COLLECTION):
-        info = await store.milvus.call("describe_index", COLLECTION, name)
+    for index in await store.milvus.call("list_indexes", name):
+        info = await store.milvus.call("describe_index", name, index)
         indexes[info["field_name"]] = (info["index_type"], info["metric_type"])
     assert indexes == {
         "vector": ("AUTOINDEX", "COSINE"),
+        "sparse": ("SPARSE_INVERTED_INDEX", "BM25"),
         "tenant": ("INVERTED", "NONE"),
         "user_id": ("INVERTED", "NONE"),
+        "session_id": ("INVERTED", "NONE"),
     }
 
 
@@ -322,7 +342,7 @@ def test_only_infra_imports_pymilvus() -> None:
 
 def test_collection_spec_refuses_what_milvus_would() -> None:
     spec = collection_spec(384)
-    assert [f.name for f in spec.fields if f.primary] == ["batch_id"]
+    assert [f.name for f in spec.fields if f.primary] == ["piece_id"]
     with pytest.raises(ValueError, match="max_length"):
         FieldSpec("x", FieldType.VARCHAR)
     with pytest.raises(ValueError, match="dim"):
