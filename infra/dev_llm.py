@@ -284,7 +284,8 @@ def _quote(text: str) -> str:
 
 
 def extractive_summary(messages: Sequence[ChatMessage]) -> str:
-    """The first sentence of each non-empty line of ``messages``, capped.
+    """The first sentence of each non-empty line of ``messages`` (of the part
+    between ``---`` lines, where a message has one), capped.
 
     Lines of the development model's own replies are skipped: they carry no
     information about the user.
@@ -292,7 +293,13 @@ def extractive_summary(messages: Sequence[ChatMessage]) -> str:
     sentences: list[str] = []
     total = 0
     for message in messages:
-        for raw in (message.get("content") or "").splitlines():
+        content = message.get("content") or ""
+        # A request that frames the text to summarise between two "---" lines
+        # (tiermem's archiver does): only that text, not the framing.
+        parts = re.split(r"^---$", content, flags=re.MULTILINE)
+        if len(parts) >= 3:
+            content = "\n".join(parts[1:-1])
+        for raw in content.splitlines():
             line = " ".join(raw.split())
             if not line or DEV_MARKER in line:
                 continue

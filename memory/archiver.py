@@ -33,6 +33,7 @@ from memory.models import Turn
 from memory.summaries import (
     SUMMARY_PROMPT,
     extractive_summary,
+    summary_request,
     transcript,
     ungrounded_terms,
 )
@@ -241,7 +242,7 @@ class Archiver:
         which the archive does not index."""
         messages: list[ChatMessage] = [
             {"role": "system", "content": SUMMARY_PROMPT},
-            {"role": "user", "content": text},
+            {"role": "user", "content": summary_request(text)},
         ]
         try:
             result = await self.llm.complete(messages, session_key=session, max_tokens=256)

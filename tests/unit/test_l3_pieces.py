@@ -122,3 +122,16 @@ def test_a_hit_carries_the_turns_the_query_points_at() -> None:
              Candidate("b3", 1, False, ((7, "second half in Brest"),), "")]  # fmt: skip
     [long] = rank("Brest sailing", parts, 1)
     assert long.turns == [(7, "first half about sailing second half in Brest")]
+
+
+def test_the_summary_request_frames_the_turns_without_their_labels() -> None:
+    from infra.dev_llm import extractive_summary as dev_summary
+    from memory.summaries import summary_request
+
+    text = transcript([Turn.of_text(3, "a", "I keep my boat in Brest.", "Nice.")])
+    request = summary_request(text)
+    assert "[turn 3]" not in request and "user: I keep my boat in Brest." in request
+    assert request.rstrip().endswith("only what the conversation says.")
+    # The development LLM summarises what is between the lines, not the framing.
+    summary = dev_summary([{"role": "user", "content": request}])
+    assert summary == "user: I keep my boat in Brest. assistant: Nice."
