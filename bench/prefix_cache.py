@@ -20,10 +20,10 @@ flight for the router's load bound, and a session has one turn in flight at most
 
 "ideal" is the hit a turn would get if the previous prompt + reply of its session
 were fully cached and this prompt extended it: the previous prompt + reply length
-(or this prompt - 1, if shorter), rounded down to 16-token blocks. "% ideal" is
-cached / ideal over turns 2+. The layout and routing runs set no context budget,
-so compaction cannot blur them; the last run measures compaction on its own
-(30 turns, archive threshold 10, a 2,000-token budget).
+(or this prompt - 1, if shorter), rounded down to whole blocks (memory.context's
+KV_BLOCK_TOKENS, 32). "% ideal" is cached / ideal over turns 2+. The layout and
+routing runs set no context budget, so compaction cannot blur them; the last run
+measures compaction on its own (30 turns, archive threshold 10, a 2,000-token budget).
 
 JSON conversations: a list of {"user": str, "assistant": str, "memories"?: [str]};
 "memories" are the texts retrieved for that turn. With no path given the samples
@@ -32,6 +32,20 @@ in bench/conversations/ are replayed.
     .venv/bin/python bench/prefix_cache.py [conversation.json ...]
 
 Prints a table; writes the figures as JSON to bench/results/ (git-ignored).
+
+``--engine vllm`` replays the layout runs on a real vLLM instead: the embedded
+engine (infra/engine.py, started here; `make install` prepares it) or the server
+``--engine-url`` names. The same token ids go to the engine (``/v1/completions``
+with the ids as the prompt, one output token, so the latency is the time to first
+token) and to the simulator beside it, counted with the served model's tokenizer
+and the engine's block size; each layout gets its own ``cache_salt``, so no
+layout hits blocks another one left. Only prompts are computed on both sides (the
+replayed reply is not generated), so a turn can reuse the previous prompt, not
+the previous reply. Per layout: the engine's cached share of turns 2+, the
+simulator's for the same prompts, and the median TTFT of turns 2+ (and of turn
+1); per turn, the same figures across the conversations.
+
+    .venv/bin/python bench/prefix_cache.py --engine vllm [--conversations 4 --turns 12]
 """
 
 from __future__ import annotations
@@ -531,13 +545,165 @@ def table(rows: Sequence[Tally]) -> str:
     return "\n".join(lines)
 
 
+# --- the real engine ----------------------------------------------------------------------
+
+
+@dataclass
+class EngineTurn:
+    layout: str
+    conversation: int
+    turn: int
+    prompt: int
+    cached: int  # as the engine reports it
+    sim_cached: int  # the simulator's, for the same token ids
+    ttft_ms: float
+
+
+class EngineTarget:
+    """Takes ``SessionReplay.step``'s place of a simulator: each prompt goes to the
+    engine and to a simulator of the engine's block size; the engine's figure is
+    returned, both are recorded."""
+
+    def __init__(self, http: Any, url: str, model: str, block: int, layout: str) -> None:
+        self.http = http
+        self.url = url
+        self.model = model
+        self.layout = layout
+        self.sim = PrefixCacheSimulator(block_size=block, num_blocks=UNBOUNDED_POOL_BLOCKS)
+        self.turns: list[EngineTurn] = []
+        self.conversation = 0
+
+    def process(self, prompt_ids: list[int], output_ids: list[int]) -> Any:
+        # Prompts only, on both sides (module docstring).
+        sim_cached = self.sim.process(prompt_ids, []).cached_tokens
+        body = {
+            "model": self.model, "prompt": prompt_ids, "max_tokens": 1, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True},
+            "cache_salt": f"bench-{self.layout}",
+        }  # fmt: skip
+        t0 = time.perf_counter()
+        ttft: float | None = None
+        usage: dict[str, Any] = {}
+        with self.http.stream("POST", f"{self.url}/completions", json=body) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if ttft is None and chunk.get("choices"):
+                    ttft = (time.perf_counter() - t0) * 1000
+                usage = chunk.get("usage") or usage
+        details = usage.get("prompt_tokens_details") or {}
+        cached = int(details.get("cached_tokens") or 0)
+        assert usage.get("prompt_tokens") == len(prompt_ids), (usage, len(prompt_ids))
+        self.turns.append(EngineTurn(self.layout, self.conversation, len(self.turns) + 1,
+                                     len(prompt_ids), cached, sim_cached, ttft or 0.0))  # fmt: skip
+        return type("Result", (), {"cached_tokens": cached})()
+
+
+def _median(xs: Sequence[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import httpx
+
+    from infra.engine import EmbeddedEngine, engine_status
+    from infra.tokenizer import ModelTokenizer
+
+    status = engine_status(Settings(llm="engine"))
+    model_dir = args.engine_model_dir or status.model_dir
+    tok = ModelTokenizer(model_dir)
+    block = args.engine_block
+    prefix = bench_prefix()
+    convs = synthetic(args.conversations, args.turns, args.engine_memory_rate, args.seed)
+    engine: EmbeddedEngine | None = None
+    loop = asyncio.new_event_loop()
+    url = args.engine_url
+    if url is None:
+        if not status.usable:
+            print(f"no embedded engine: {status.reason}")
+            return 2
+        engine = EmbeddedEngine(status.python, model_dir, RESULTS / "engine", block_size=block)
+        url = loop.run_until_complete(engine.start())
+        print(f"embedded engine ready in {engine.start_s:.1f} s at {url}")
+    records: list[EngineTurn] = []
+    try:
+        with httpx.Client(timeout=600) as http:
+            model = http.get(f"{url}/models").json()["data"][0]["id"]
+            for layout in LAYOUTS:
+                target = EngineTarget(http, url, model, block, layout)
+                builder = ContextBuilder(prefix, tok, NO_BUDGET, block_tokens=block)
+                for i, conv in enumerate(convs):
+                    target.conversation, target.turns = i, []
+                    start = datetime(2025, 3, 3, 9, 0, tzinfo=UTC) + timedelta(hours=i)
+                    replay = SessionReplay(builder, tok, layout, f"engine-{i}", conv,
+                                           args.threshold, start)  # fmt: skip
+                    while not replay.done:
+                        replay.step(target)  # type: ignore[arg-type]
+                    records += target.turns
+    finally:
+        if engine is not None:
+            loop.run_until_complete(engine.stop())
+        loop.close()
+
+    print(f"\nprefix cache on the real engine ({model}, {block}-token blocks, tokenizer "
+          f"{tok.name}): {len(convs)} conversations x {args.turns} turns, memories on "
+          f"{args.engine_memory_rate:.0%} of turns; prompts only")  # fmt: skip
+    head = (f"{'layout':<18} {'prompt 2+':>9} {'engine cached':>13} {'engine hit':>10} "
+            f"{'sim hit':>8} {'TTFT 2+ med':>11} {'TTFT 1 med':>10}")  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    summary = {}
+    for layout in LAYOUTS:
+        rows = [r for r in records if r.layout == layout]
+        later = [r for r in rows if r.turn >= 2]
+        prompt = sum(r.prompt for r in later)
+        cached = sum(r.cached for r in later)
+        sim = sum(r.sim_cached for r in later)
+        ttft2 = _median([r.ttft_ms for r in later])
+        ttft1 = _median([r.ttft_ms for r in rows if r.turn == 1])
+        summary[layout] = {"prompt": prompt, "cached": cached, "sim_cached": sim,
+                           "hit": cached / prompt, "sim_hit": sim / prompt,
+                           "ttft_ms_median_2plus": ttft2, "ttft_ms_median_1": ttft1}  # fmt: skip
+        print(f"{layout:<18} {prompt:>9} {cached:>13} {pct(cached / prompt):>10} "
+              f"{pct(sim / prompt):>8} {ttft2:>9.0f}ms {ttft1:>8.0f}ms")  # fmt: skip
+    print("\nper turn (sums over the conversations; TTFT median):")
+    print("turn " + " ".join(f"{lay[:16]:>30}" for lay in LAYOUTS))
+    print("     " + " ".join(f"{'engine/sim/prompt ttft':>30}" for _ in LAYOUTS))
+    for turn in range(1, args.turns + 1):
+        cells = []
+        for layout in LAYOUTS:
+            rows = [r for r in records if r.layout == layout and r.turn == turn]
+            if not rows:
+                cells.append(f"{'-':>30}")
+                continue
+            c, s_, pr = (sum(r.cached for r in rows), sum(r.sim_cached for r in rows),
+                         sum(r.prompt for r in rows))  # fmt: skip
+            cells.append(f"{f'{c}/{s_}/{pr} {_median([r.ttft_ms for r in rows]):.0f}ms':>30}")
+        print(f"{turn:>4} " + " ".join(cells))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out / f"prefix_cache_engine-{stamp}.json"
+    out.write_text(json.dumps({"bench": "prefix_cache --engine vllm", "at": stamp,
+                               "model": model, "block_tokens": block, "summary": summary,
+                               "turns": [asdict(r) for r in records]}, indent=2))  # fmt: skip
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("paths", nargs="*", type=Path, help="JSON conversations to replay")
     p.add_argument("--no-samples", action="store_true", help="skip bench/conversations/*.json")
-    p.add_argument("--conversations", type=int, default=16, help="synthetic conversations")
-    p.add_argument("--turns", type=int, default=20, help="turns per synthetic conversation")
+    p.add_argument("--conversations", type=int, default=None,
+                   help="synthetic conversations (16; with --engine vllm 4)")  # fmt: skip
+    p.add_argument("--turns", type=int, default=None,
+                   help="turns per synthetic conversation (20; with --engine vllm 12)")  # fmt: skip
     p.add_argument(
         "--memory-rates",
         default="1.0,0.3",
@@ -565,7 +731,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--engine", choices=("sim", "vllm"), default="sim",
+                   help="vllm: the layout runs on a real vLLM (module docstring)")  # fmt: skip
+    p.add_argument("--engine-url", default=None, help="a running vLLM's /v1 base URL "
+                   "(default: start the embedded engine)")  # fmt: skip
+    p.add_argument("--engine-model-dir", type=Path, default=None,
+                   help="the served model's folder (its tokenizer)")  # fmt: skip
+    p.add_argument("--engine-block", type=int, default=settings.kv_block_tokens)
+    p.add_argument("--engine-memory-rate", type=float, default=1.0)
     args = p.parse_args(argv)
+    # The real engine takes about a second a prompt on two cores: smaller defaults.
+    engine = args.engine == "vllm"
+    args.conversations = args.conversations or (4 if engine else 16)
+    args.turns = args.turns or (12 if engine else 20)
+    if engine:
+        return run_engine(args)
 
     started = time.perf_counter()
     tok = default_tokenizer()

@@ -21,6 +21,7 @@ Run: ``python -m bench.tiermem_proc --port P``.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -201,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--port", type=int, required=True)
     args = p.parse_args(argv)
+    # The benchmarks measure tiermem's own overhead: the development LLM unless
+    # the driver sets TIERMEM_LLM (or TIERMEM_LLM_URL) itself.
+    os.environ.setdefault("TIERMEM_LLM", "dev")
     settings = Settings(host="127.0.0.1", port=args.port)
     setup_logging(settings.log_format, settings.log_level)
     services = BenchServices(settings)

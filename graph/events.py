@@ -25,6 +25,9 @@ class Meta:
     l1_hit: bool | None = None
     dev_llm: bool | None = None
     replayed: bool = False
+    # What answers the turn (the LLM client's name; the embedded engine's includes
+    # its model), so a client can tell a real model from the development one.
+    model: str | None = None
 
     def data(self) -> dict[str, Any]:
         d: dict[str, Any] = {"turn_id": self.turn_id, "session_id": self.session_id,
@@ -34,6 +37,8 @@ class Meta:
         else:
             d["l1_hit"] = self.l1_hit
             d["dev_llm"] = self.dev_llm
+            if self.model is not None:
+                d["model"] = self.model
         return d
 
 

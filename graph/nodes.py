@@ -91,7 +91,8 @@ class TurnNodes:
             if stored is not None:
                 retry_of = stored.index
         turn = retry_of or session.turn_count + 1
-        ctx.control.emit(Meta(state["turn_id"], session_id, turn, opened.l1_hit, d.llm.is_dev))
+        ctx.control.emit(Meta(state["turn_id"], session_id, turn, opened.l1_hit, d.llm.is_dev,
+                              model=d.llm.name))  # fmt: skip
         need = needs_memory(state["message"], state.get("retrieve", "auto"))
         update: TurnState = {**PER_TURN_RESET, "turn": turn, "l1_hit": opened.l1_hit,
                              "retry_of": retry_of, "need_memory": need}  # fmt: skip
@@ -306,7 +307,6 @@ def _due(d: TurnDeps, session: SessionState, index: int, threshold: int) -> str 
     return d.archiver.next_batch_id(session.tenant, session.session_id, session.archived_upto)
 
 
-def _replay(ctx: TurnContext, turn_id: str, session_id: str, turn: Turn) -> None:
 def _made_due(session: SessionState, index: int, threshold: int) -> str | None:
     """The batch this very commit completed (its last turn is this one), or None:
     reported once, not again on every turn while the archiver is behind. Batches
@@ -317,6 +317,7 @@ def _made_due(session: SessionState, index: int, threshold: int) -> str | None:
     return batch_id_for(session.tenant, session.session_id, index - threshold + 1, index)
 
 
+def _replay(ctx: TurnContext, turn_id: str, session_id: str, turn: Turn) -> None:
     """A finished turn asked for again (a retry, or Last-Event-ID): sent whole
     from L2, without the LLM and without writing anything."""
     emit = ctx.control.emit

@@ -545,12 +545,19 @@ class OpenAICompatibleLLM(LLMBase):
         *,
         router: Router | None = None,
         discovery: ReplicaDiscovery | None = None,
+        replicas: Sequence[str] | None = None,
+        model: str | None = None,
+        name: str = "openai-compatible",
     ) -> OpenAICompatibleLLM:
+        """The client Settings describe; ``replicas``, ``model`` and ``name`` replace
+        what they say (the embedded engine: its own URL and served model)."""
+        urls = list(replicas) if replicas is not None else settings.llm_urls
         return cls(
-            [] if discovery is not None else settings.llm_urls,
+            [] if discovery is not None else urls,
             router=router or RendezvousRouter(load_factor=settings.llm_load_factor),
             discovery=discovery,
-            model=settings.llm_model,
+            model=model or settings.llm_model,
+            name=name,
             api_key=settings.llm_api_key,
             connect_timeout_s=settings.llm_connect_timeout_s,
             first_token_timeout_s=settings.llm_first_token_timeout_s,
@@ -941,7 +948,9 @@ def _describe(e: BaseException) -> str:
 def build_llm(settings: Settings) -> LLMClient:
     """The LLM client Settings ask for.
 
-    No ``TIERMEM_LLM_URL``: the offline development LLM. Comma-separated base
+    No ``TIERMEM_LLM_URL``: the offline development LLM (the embedded engine, which
+    ``TIERMEM_LLM`` may select then, is a child process the app starts:
+    ``app.services`` does that, and gives it an ``OpenAICompatibleLLM``). Comma-separated base
     URLs: those replicas, sessions routed by rendezvous hashing with bounded
     load. ``k8s://<namespace>/<service>:<port>``: replicas discovered from the
     service's EndpointSlices.

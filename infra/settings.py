@@ -3,7 +3,8 @@
 Every setting is an environment variable with the prefix ``TIERMEM_``. With none
 set, ``tiermem serve`` runs on embedded defaults: a Redis server it starts itself,
 Milvus Lite on a local file, the bundled MiniLM embedding model (or the hashing
-fallback) and the offline development LLM. Each default is replaced by one
+fallback) and the embedded vLLM engine (or, where it is not installed, the offline
+development LLM). Each default is replaced by one
 setting (``TIERMEM_REDIS_URL``, ``TIERMEM_MILVUS_URI``, ``TIERMEM_LLM_URL``,
 ``TIERMEM_EMBEDDINGS``).
 
@@ -64,7 +65,7 @@ class Settings(BaseSettings):
     cpu_workers: int | None = Field(default=None, ge=1)
 
     # --- LLM ---------------------------------------------------------------------
-    # Unset: the offline development LLM (deterministic, says it is one).
+    # Unset: the embedded vLLM engine, or the offline development LLM (see ``llm``).
     # One or more OpenAI-compatible base URLs, comma separated
     # ("http://vllm-0:8000/v1,http://vllm-1:8000/v1"), or
     # "k8s://<namespace>/<service>:<port>" to discover replicas from EndpointSlices.
@@ -80,6 +81,47 @@ class Settings(BaseSettings):
     # A session's replica may carry this many times the mean in-flight load
     # before the session moves (bounded-load rendezvous hashing).
     llm_load_factor: float = 1.25
+    # What answers when llm_url is unset (infra/engine.py): "auto" the embedded
+    # vLLM engine where `make install` installed it (else the development LLM,
+    # with the reason in the log), "engine" the embedded engine or fail at start,
+    # "dev" the canned offline development LLM (what the test suite uses).
+    llm: Literal["auto", "engine", "dev"] = "auto"
+    # Tokens per KV-cache block of the LLM (vLLM's --block-size): the unit of
+    # the expected prefix reuse. 32 is what the embedded engine runs with (its
+    # CPU attention backend needs a multiple of 32); vLLM's GPU default is 16.
+    kv_block_tokens: int = Field(default=32, ge=1)
+    # The tokenizer token accounting counts with (infra/tokenizer.py): "auto"
+    # the served model's own when tiermem knows it (the embedded engine's model
+    # folder), else MiniLM, else regex; "minilm", "regex", or a path to a
+    # tokenizer.json (or a model folder holding one) of the model a real vLLM serves.
+    tokenizer: str = "auto"
+
+    # --- the embedded engine (infra/engine.py; used only without llm_url) ----------
+    # Python of the engine's own environment; unset: <repo>/.venv-vllm/bin/python.
+    engine_python: Path | None = None
+    # The prepared model folder; unset: data_dir/models/SmolLM2-135M-Instruct.
+    engine_model_dir: Path | None = None
+    engine_port: int | None = None
+    # Context window of the engine. The live context budget is capped below it,
+    # leaving room for the reply (llm_max_tokens).
+    engine_max_model_len: int = Field(default=4096, ge=512)
+    # KV cache the engine reserves, in whole GiB (VLLM_CPU_KVCACHE_SPACE, which
+    # vLLM's CPU backend reads as an integer).
+    engine_kv_cache_gib: int = Field(default=2, ge=1)
+    # The weights' and KV cache's type: "auto" bfloat16 where the CPU computes in
+    # it (AVX512-BF16 or AMX), else float32 (bfloat16 emulated on AVX2 prefills
+    # about ten times slower); or "bfloat16", "float32".
+    engine_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # OMP threads of the engine; unset: vLLM's default (all usable cores).
+    engine_threads: int | None = Field(default=None, ge=1)
+    # Cores the engine's threads are pinned to (VLLM_CPU_OMP_THREADS_BIND: "0-3",
+    # "0,2"); unset: vLLM's "auto".
+    engine_cpu_bind: str | None = None
+    # More vLLM flags, space separated, appended as they are.
+    engine_extra_args: str = ""
+    # Longest wait for the engine to serve at start (it loads torch and the model,
+    # and reserves the KV cache: about 25 s on two idle cores).
+    engine_start_timeout_s: float = Field(default=600.0, gt=0)
 
     # --- embeddings --------------------------------------------------------------
     # "auto": the bundled MiniLM model if installed, else the hashing embedder.
@@ -87,6 +129,13 @@ class Settings(BaseSettings):
     embeddings: str = "auto"
     embeddings_model: str = "default"
     embedding_dim: int = 384
+    # Tokens one input of an /embeddings server's model reads (its window, less its
+    # special tokens); L3 chunks what it embeds to fit. The built-in embedders know
+    # their own.
+    embeddings_max_tokens: int = Field(default=510, ge=16, le=32_768)
+    # L3 chunks of a batch's transcript: at most this many tokens (0: the embedder's
+    # whole window). Recorded in the collection: pods sharing one must agree.
+    l3_chunk_tokens: int = Field(default=0, ge=0, le=32_768)
 
     # --- memory policy -------------------------------------------------------------
     # Unarchived turns that make one L3 batch.
@@ -129,13 +178,6 @@ class Settings(BaseSettings):
     # --- input limits ------------------------------------------------------------
     max_message_chars: int = Field(default=16_000, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=256)
-    # Tokens one input of an /embeddings server's model reads (its window, less its
-    # special tokens); L3 chunks what it embeds to fit. The built-in embedders know
-    # their own.
-    embeddings_max_tokens: int = Field(default=510, ge=16, le=32_768)
-    # L3 chunks of a batch's transcript: at most this many tokens (0: the embedder's
-    # whole window). Recorded in the collection: pods sharing one must agree.
-    l3_chunk_tokens: int = Field(default=0, ge=0, le=32_768)
 
     # --- HTTP --------------------------------------------------------------------
     host: str = "127.0.0.1"

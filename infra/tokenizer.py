@@ -6,9 +6,13 @@ subword tokenizer, read from local files only. ``RegexTokenizer`` is the
 fallback when that package is missing: one token per word or punctuation mark,
 ids from a stable hash of the token text.
 
-Neither is the tokenizer of the served model, so counts are estimates of what
-vLLM reports; they are exact between tiermem and the fake vLLM test server,
-which tokenise through the same default.
+``ModelTokenizer`` loads the ``tokenizer.json`` of the model the LLM serves (the
+embedded engine's prepared model folder, or one a user names with
+``TIERMEM_TOKENIZER``): then prompt sizes and the expected prefix reuse count the
+tokens vLLM counts. That is what ``auto`` picks when tiermem knows the served model
+(:func:`tokenizer_for`). MiniLM and regex are not the served model's tokenizer, so
+their counts are estimates of what vLLM reports; they are exact between tiermem and
+the fake vLLM test server, which tokenise through the same default.
 """
 
 from __future__ import annotations
@@ -80,6 +84,33 @@ class MiniLMTokenizer:
         return len(self._tok.encode(text, add_special_tokens=False).ids)
 
 
+class ModelTokenizer:
+    """The served model's own tokenizer, from its ``tokenizer.json``.
+
+    Its special tokens (``<|im_start|>``, ``<|im_end|>``) are matched in the text as
+    vLLM's tokenisation of a rendered chat matches them, and nothing is added (a chat
+    prompt carries its own). Each message of a ChatML prompt starts and ends with a
+    special token, so counts of messages add up to the count of the whole prompt.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise TokenizerUnavailable(f"no tokenizer.json at {path}")
+        tok = HFTokenizer.from_file(str(file))
+        tok.no_truncation()
+        tok.no_padding()
+        self._tok = tok
+        self.name = f"model:{file.parent.name}"
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def count(self, text: str) -> int:
+        return len(self._tok.encode(text, add_special_tokens=False).ids)
+
+
 _WORD_OR_PUNCT = re.compile(r"\w+|[^\w\s]")
 
 
@@ -106,14 +137,26 @@ def _stable_id(token: str) -> int:
     return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=4).digest(), "big")
 
 
-def build_tokenizer(kind: str = "auto") -> Tokenizer:
-    """``"minilm"``, ``"regex"``, or ``"auto"`` (MiniLM when installed, else regex)."""
+def build_tokenizer(kind: str = "auto", model_dir: Path | None = None) -> Tokenizer:
+    """``"minilm"``, ``"regex"``, a path to a ``tokenizer.json`` or a model folder
+    holding one, or ``"auto"``: ``model_dir``'s tokenizer (the served model, when the
+    caller knows it), else MiniLM when installed, else regex."""
     if kind == "minilm":
         return MiniLMTokenizer()
     if kind == "regex":
         return RegexTokenizer()
     if kind != "auto":
-        raise ValueError(f"unknown tokenizer kind {kind!r}: use auto, minilm or regex")
+        if Path(kind).exists():
+            return ModelTokenizer(Path(kind))
+        raise ValueError(
+            f"unknown tokenizer kind {kind!r}: use auto, minilm, regex, or the path of a "
+            "tokenizer.json (or of a model folder holding one)"
+        )
+    if model_dir is not None:
+        try:
+            return ModelTokenizer(model_dir)
+        except TokenizerUnavailable as e:
+            log.warning("%s: token counts use the default tokenizer", e)
     try:
         return MiniLMTokenizer()
     except TokenizerUnavailable:

@@ -36,7 +36,10 @@ from memory.models import Message, RenderedMark, SessionState, Turn
 from memory.sanitise import sanitise
 from memory.summaries import context_summary
 
-KV_BLOCK_TOKENS = 16
+# Tokens per KV block by default: what the embedded engine runs with (its CPU
+# attention backend needs a multiple of 32). A deployment on another vLLM sets
+# its own (TIERMEM_KV_BLOCK_TOKENS, vLLM's --block-size; 16 on GPUs by default).
+KV_BLOCK_TOKENS = 32
 # Texts longer than this are tokenised on the CPU executor, never on the event
 # loop (a 16k-character message takes a few ms to tokenise).
 INLINE_TOKENIZE_CHARS = 8192
@@ -198,9 +201,12 @@ class ContextBuilder:
         budget_tokens: int,
         target_ratio: float = 0.5,
         executor: Executor | None = None,
+        block_tokens: int = KV_BLOCK_TOKENS,
     ) -> None:
         self.prefix = prefix
         self._executor = executor
+        # vLLM caches whole blocks only, so expected reuse is counted in them.
+        self.block_tokens = block_tokens
         self.tokenizer = tokenizer
         self.budget_tokens = budget_tokens
         self.target_ratio = target_ratio
@@ -394,13 +400,18 @@ class ContextBuilder:
             self.tokenizer.encode(prev), self.tokenizer.encode(prompt_text)
         )
         reason = self._blame(state, prompt_text, pos, compacted)
-        return PrefixAccount(prompt_tokens, _blocks(min(tokens_before, prompt_tokens - 1)),
+        return PrefixAccount(prompt_tokens, self._blocks(min(tokens_before, prompt_tokens - 1)),
                              tokens_before, reason)  # fmt: skip
 
     def _extended(self, prompt_text: str, prompt_tokens: int, prev_len: int) -> PrefixAccount:
         # Count only the new tail: the rest is a known, unchanged prefix.
         n = prompt_tokens - self.tokenizer.count(prompt_text[prev_len:])
-        return PrefixAccount(prompt_tokens, _blocks(min(n, prompt_tokens - 1)), None, None)
+        return PrefixAccount(prompt_tokens, self._blocks(min(n, prompt_tokens - 1)), None, None)
+
+    def _blocks(self, n: int) -> int:
+        # vLLM's hit is whole blocks and at most prompt_tokens - 1 (the last prompt
+        # token is always computed), which the callers' min() already applies.
+        return max(0, n) // self.block_tokens * self.block_tokens
 
     def _blame(self, state: _Previous, prompt_text: str, pos: int, compacted: bool) -> str:
         old = state.prefix_version
@@ -441,10 +452,6 @@ class ContextBuilder:
         """The mark of the prompt + reply as sent, for the next turn's accounting
         (``SessionState.last_rendered``): a length and a digest, not the text."""
         return rendered_mark(plan.prompt_text, reply)
-
-
-def _blocks(n: int) -> int:
-    return max(0, n) // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS
 
 
 def _common_tokens(a: list[int], b: list[int]) -> int:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+
+# Every app the suite starts (in process, or as `tiermem serve`, which inherits
+# this environment) answers with the canned development LLM unless a test sets
+# another: with TIERMEM_LLM unset it would start the embedded vLLM engine, tens
+# of seconds each. The real-engine suite (tests/engine) sets what it runs.
+os.environ.setdefault("TIERMEM_LLM", "dev")
 
 from infra.redis_client import RedisLike, create_redis
 from tests.servers.redis_cluster import RedisClusterLauncher

@@ -32,6 +32,10 @@ def make_settings(data_dir: Path, redis_url: str, **overrides: Any) -> Settings:
         "redis_url": redis_url,
         "milvus_uri": str(data_dir / "milvus.db"),
         "embeddings": "hash",
+        # The canned development LLM, explicitly: with TIERMEM_LLM unset the app
+        # would start the embedded vLLM engine where it is installed (tests/engine
+        # runs that one, shared across its module).
+        "llm": "dev",
         "auth": "off",
         "sweep_interval_s": 3600.0,
         "log_format": "text",
@@ -88,7 +92,8 @@ class ServeProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
-        self.env = {**os.environ, **env, "TIERMEM_PORT": str(self.port),
+        # The development LLM unless the test says otherwise (see make_settings).
+        self.env = {**os.environ, "TIERMEM_LLM": "dev", **env, "TIERMEM_PORT": str(self.port),
                     "TIERMEM_HOST": "127.0.0.1"}  # fmt: skip
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None

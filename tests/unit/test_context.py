@@ -251,8 +251,9 @@ def test_a_changed_prefix_is_a_new_version_and_breaks_with_its_reason(
     assert account.first_diff_token < prefix_tokens
     assert account.expected_cacheable == blocks(account.first_diff_token)
     if reason == "tools":
-        # The system prompt before the tools is unchanged, and still counts.
-        assert account.expected_cacheable >= blocks(tok.count(SYSTEM)) > 0
+        # The system prompt before the tools is unchanged, and still counts
+        # (in whole blocks: expected_cacheable == blocks(first_diff_token) above).
+        assert account.first_diff_token > tok.count(SYSTEM)
 
     # Once committed under the new version, the next turn is append-only again.
     commit(state, plan, "One more question.", "Sure.")
@@ -638,3 +639,19 @@ def test_transcripts_and_summaries_carry_every_role() -> None:
     assert '[turn 3] tool result: {"status": "shipped"}' in text
     assert "[turn 3] assistant: It shipped yesterday." in text
     assert extractive_summary([_tool_turn(3)]) == "turn 3: where is my order B-1234?"
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_expected_reuse_is_counted_in_the_engines_blocks(
+    prefix: StablePrefix, tok: Tokenizer, block: int
+) -> None:
+    # The block size is the engine's (TIERMEM_KV_BLOCK_TOKENS): vLLM caches whole
+    # blocks only, so the expected reuse is the common prefix rounded down to them.
+    builder = ContextBuilder(prefix, tok, 100_000, block_tokens=block)
+    state = new_state()
+    play(builder, state, EXCHANGES[:3])
+    plan = builder.plan(state, "One more question.", None)
+    account = plan.account
+    common = plan.prompt_tokens - tok.count(plan.prompt_text[state.last_rendered[0] :])
+    assert account.expected_cacheable == min(common, plan.prompt_tokens - 1) // block * block
+    assert account.expected_cacheable % block == 0 and account.expected_cacheable > 0

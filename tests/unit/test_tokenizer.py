@@ -6,6 +6,7 @@ import hashlib
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +14,10 @@ from infra import tokenizer as tokenizer_mod
 from infra.chat_template import render_chat, render_message
 from infra.tokenizer import (
     MiniLMTokenizer,
+    ModelTokenizer,
     RegexTokenizer,
     Tokenizer,
+    TokenizerUnavailable,
     build_tokenizer,
     default_tokenizer,
     minilm_tokenizer_path,
@@ -119,3 +122,53 @@ def test_prompt_plus_reply_is_a_token_prefix_of_the_next_prompt(kind: str) -> No
     assert next_prompt.startswith(prompt + reply)
     first = tok.encode(prompt) + tok.encode(reply)
     assert tok.encode(next_prompt)[: len(first)] == first
+
+
+# --- the served model's own tokenizer --------------------------------------------------
+
+
+def _chatml_tokenizer_json(tmp_path: Path) -> Path:
+    """A small real tokenizer.json (word-level, ChatML special tokens), as a model
+    folder ships it."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    words = ["system", "user", "assistant", "hello", "world", "\n", "[UNK]"]
+    tok = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    folder = tmp_path / "model"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_model_tokenizer_reads_a_model_folder_and_matches_special_tokens(
+    tmp_path: Path,
+) -> None:
+    folder = _chatml_tokenizer_json(tmp_path)
+    tok = ModelTokenizer(folder)
+    assert tok.name == "model:model"
+    text = render_message("user", "hello world")
+    ids = tok.encode(text)
+    # <|im_start|> and <|im_end|> are one token each, matched inside the text.
+    assert ids[0] == tok.encode("<|im_start|>")[0] and len(tok.encode("<|im_start|>")) == 1
+    assert tok.count(text) == len(ids)
+    # A message's count adds up: each starts and ends with a special token.
+    two = render_chat(
+        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
+    )
+    assert tok.count(two) == tok.count(render_message("user", "hello")) + tok.count(
+        render_message("assistant", "world")
+    )
+
+
+def test_build_tokenizer_takes_a_path_and_auto_takes_the_model_dir(tmp_path: Path) -> None:
+    folder = _chatml_tokenizer_json(tmp_path)
+    assert isinstance(build_tokenizer(str(folder)), ModelTokenizer)
+    assert isinstance(build_tokenizer(str(folder / "tokenizer.json")), ModelTokenizer)
+    assert isinstance(build_tokenizer("auto", model_dir=folder), ModelTokenizer)
+    # A model dir without a tokenizer: the default, not a failure.
+    assert not isinstance(build_tokenizer("auto", model_dir=tmp_path), ModelTokenizer)
+    with pytest.raises(TokenizerUnavailable):
+        ModelTokenizer(tmp_path)
