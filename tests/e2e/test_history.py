@@ -132,9 +132,7 @@ async def test_pages_reach_every_turn_from_l2_then_l3(tmp_path: Path, any_redis_
         assert await read_history(srv.services.l2, srv.services.l3, "globex", session) is None
 
 
-async def test_long_turns_come_back_whole_from_l3(
-    tmp_path: Path, redis_url: str
-) -> None:
+async def test_long_turns_come_back_whole_from_l3(tmp_path: Path, redis_url: str) -> None:
     settings = keyed_settings(tmp_path, redis_url, archive_threshold=4, context_budget_tokens=256)
     session = sid()
     big = 12_000  # 4 of these were past the old 30,000-character L3 text cap
