@@ -38,6 +38,11 @@ from tests.servers.redis_server import RedisServer, find_redis_server
 
 TENANT = "default"
 ACK_TIMEOUT_MS = 300
+# Where a test expects the acknowledgement: long enough for a replica (or an fsync)
+# on a busy machine; a replica at load 9 once missed 300 ms. The socket timeout of
+# those tests is above it (WAIT holds the connection's read).
+HEALTHY_ACK_TIMEOUT_MS = 10_000
+HEALTHY_SOCKET_TIMEOUT_S = 15.0
 # How long a replica may take to finish its first sync on a busy machine.
 SYNC_WITHIN_S = 30.0
 
@@ -111,9 +116,9 @@ def primary_and_replica(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServ
         primary.stop()
 
 
-def store(client: RedisLike, ack: AckMode) -> L2Store:
+def store(client: RedisLike, ack: AckMode, timeout_ms: int = ACK_TIMEOUT_MS) -> L2Store:
     return L2Store(client, session_ttl_s=600, turn_record_ttl_s=600, ack=ack,
-                   ack_timeout_ms=ACK_TIMEOUT_MS)  # fmt: skip
+                   ack_timeout_ms=timeout_ms)  # fmt: skip
 
 
 def new_session() -> str:
@@ -129,9 +134,9 @@ async def test_replica_mode_returns_once_the_replica_has_the_turn(
     primary_and_replica: tuple[RedisServer, RedisServer],
 ) -> None:
     primary, replica = primary_and_replica
-    client = create_redis(primary.url, socket_timeout=2.0)
+    client = create_redis(primary.url, socket_timeout=HEALTHY_SOCKET_TIMEOUT_S)
     try:
-        l2 = store(client, "replica")
+        l2 = store(client, "replica", HEALTHY_ACK_TIMEOUT_MS)
         session = new_session()
         state = SessionState(tenant=TENANT, session_id=session)
         for n in range(1, 21):
@@ -252,9 +257,9 @@ def waitaof_server_binary() -> str:
 
 async def test_aof_mode_waits_for_the_fsync(tmp_path: Path, waitaof_server_binary: str) -> None:
     server = BinaryRedisServer(tmp_path / "aof", waitaof_server_binary).start()
-    client = create_redis(server.url, socket_timeout=2.0)
+    client = create_redis(server.url, socket_timeout=HEALTHY_SOCKET_TIMEOUT_S)
     try:
-        l2 = store(client, "aof")
+        l2 = store(client, "aof", HEALTHY_ACK_TIMEOUT_MS)
         session = new_session()
         state = SessionState(tenant=TENANT, session_id=session)
         assert await l2.commit(state, Turn.of_text(1, "t1", "a", "b"), user_id="u") == 1
