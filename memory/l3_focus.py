@@ -68,33 +68,31 @@ class RankedBatch:
     summary: str | None = None
 
 
-def _bm25(query: list[str], docs: list[list[str]]) -> list[float]:
-    """Okapi BM25 of each doc for the query, IDF over ``docs`` themselves."""
-    if not docs or not query:
-        return [0.0] * len(docs)
+def _idf(query: list[str], docs: list[list[str]]) -> dict[str, float]:
+    """BM25's IDF of each query word over ``docs`` themselves."""
     n = len(docs)
-    avg = sum(len(d) for d in docs) / n or 1.0
-    df = Counter(w for d in docs for w in set(d))
     wanted = set(query)
-    idf = {w: math.log(1.0 + (n - df[w] + 0.5) / (df[w] + 0.5)) for w in wanted}
+    df = Counter(w for d in docs for w in set(d) if w in wanted)
+    return {w: math.log(1.0 + (n - df[w] + 0.5) / (df[w] + 0.5)) for w in wanted}
+
+
+def _bm25(idf: dict[str, float], docs: list[list[str]]) -> list[float]:
+    """Okapi BM25 of each doc for the query whose word weights are ``idf``."""
+    if not docs or not idf:
+        return [0.0] * len(docs)
+    avg = sum(len(d) for d in docs) / len(docs) or 1.0
     scores = []
     for d in docs:
-        tf = Counter(w for w in d if w in wanted)
+        tf = Counter(w for w in d if w in idf)
         norm = _BM25_K1 * (1 - _BM25_B + _BM25_B * len(d) / avg)
         scores.append(sum(idf[w] * tf[w] * (_BM25_K1 + 1) / (tf[w] + norm) for w in tf))
     return scores
 
 
-def _coverage(
-    query: list[str], docs: dict[tuple[str, int], list[str]]
-) -> dict[tuple[str, int], float]:
-    """Per doc, the share of the query's IDF weight (over ``docs``) it contains."""
-    wanted = set(query)
-    n = max(1, len(docs))
-    df = Counter(w for d in docs.values() for w in set(d) if w in wanted)
-    idf = {w: math.log(1.0 + (n - df[w] + 0.5) / (df[w] + 0.5)) for w in wanted}
+def _coverage(idf: dict[str, float], docs: list[list[str]]) -> list[float]:
+    """Per doc, the share of the query's IDF weight it contains."""
     total = sum(idf.values()) or 1.0
-    return {key: sum(idf[w] for w in wanted.intersection(d)) / total for key, d in docs.items()}
+    return [sum(idf[w] for w in idf.keys() & set(d)) / total for d in docs]
 
 
 def rank(query: str, candidates: list[Candidate], k: int) -> list[RankedBatch]:
@@ -113,13 +111,12 @@ def rank(query: str, candidates: list[Candidate], k: int) -> list[RankedBatch]:
                 turn_keys.append(key)
                 turn_text[key] = text
                 turn_rank[key] = c.rank
-    lexical = dict(
-        zip(turn_keys, _bm25(terms(query), [terms(turn_text[t]) for t in turn_keys]), strict=True)
-    )
+    docs = [terms(turn_text[t]) for t in turn_keys]
+    idf = _idf(terms(query), docs)
+    lexical = dict(zip(turn_keys, _bm25(idf, docs), strict=True))
+    coverage = dict(zip(turn_keys, _coverage(idf, docs), strict=True))
     by_lexical = sorted((t for t in turn_keys if lexical[t] > 0), key=lambda t: -lexical[t])
     lex_rank = {t: i for i, t in enumerate(by_lexical)}
-
-    coverage = _coverage(terms(query), {t: terms(turn_text[t]) for t in turn_keys})
 
     def score(key: tuple[str, int]) -> float:
         s = 1.0 / (RRF_K + turn_rank[key] + 1)

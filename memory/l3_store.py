@@ -498,16 +498,17 @@ class L3Store:
             return fn()
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn)
 
-    async def _embed(self, texts: list[str], what: str) -> list[list[float]]:
-        """Vectors of ``texts``; what the model will cut of them is counted
-        (``tiermem_embedding_tokens_cut_total``) — pieces never exceed the window,
-        so only over-long queries show up there."""
+    async def _count_cut(self, text: str, what: str) -> None:
+        """Count what the model will cut of ``text`` beyond its window
+        (``tiermem_embedding_tokens_cut_total``). Only queries need it: pieces are
+        cut to the window by the chunker, with this same counter."""
         window = self.embedder.max_tokens
-        cut = await self._off_loop(
-            lambda: sum(max(0, self.embedder.count_tokens(t) - window) for t in texts)
-        )
+        cut = await self._off_loop(lambda: max(0, self.embedder.count_tokens(text) - window))
         if cut and self.metrics is not None:
             self.metrics.embedding_tokens_cut.labels(what).inc(cut)
+
+    async def _embed(self, texts: list[str]) -> list[list[float]]:
+        """Vectors of ``texts``, checked for size."""
         try:
             vectors = await self.embedder.embed(texts)
         except Exception as exc:
@@ -536,7 +537,7 @@ class L3Store:
         pieces = await self._off_loop(
             lambda: pieces_of(clean, self.embedder.count_tokens, self.window)
         )
-        vectors = await self._embed([l3_pieces.embedding_text(p.text) for p in pieces], "piece")
+        vectors = await self._embed([l3_pieces.embedding_text(p.text) for p in pieces])
         rows = [
             {
                 "piece_id": l3_pieces.piece_id(batch_id, p.kind, p.no),
@@ -594,7 +595,8 @@ class L3Store:
         if not query.strip():
             return []
         await self._ensure()
-        [vector] = await self._embed([query], "query")
+        await self._count_cut(query, "query")
+        [vector] = await self._embed([query])
         limit = min(MAX_ROWS, max(MIN_PIECES, k * PIECES_PER_BATCH))
         requests = [
             AnnRequest(_VECTOR, vector, "COSINE", limit, expr),

@@ -85,7 +85,7 @@ class Metrics:
         self.embedding_tokens_cut = Counter(
             "tiermem_embedding_tokens_cut",
             "Tokens beyond the embedder's window in inputs it was given (the model cut "
-            "them), by what was embedded: piece or query",
+            "them), by what was embedded: query (L3 pieces are chunked to fit)",
             ["what"],
             registry=r,
         )

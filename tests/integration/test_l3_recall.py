@@ -215,3 +215,17 @@ async def test_the_schema_before_pieces_answers_until_reindexed(
     # Resumable and idempotent: a second run finds everything done.
     second = await reindex(again)
     assert (second.rebuilt, second.skipped) == (0, 2)
+
+
+async def test_what_the_model_would_cut_of_a_query_is_counted(store: L3Store) -> None:
+    assert store.metrics is not None
+    metric = store.metrics.registry
+    before = metric.get_sample_value("tiermem_embedding_tokens_cut_total", {"what": "query"})
+    await store.search("t-cut", "u", "short question", 1)
+    after_short = metric.get_sample_value("tiermem_embedding_tokens_cut_total", {"what": "query"})
+    assert (after_short or 0) == (before or 0)
+    long_query = "sailing " * (store.embedder.max_tokens + 40)
+    await store.search("t-cut", "u", long_query, 1)
+    after = metric.get_sample_value("tiermem_embedding_tokens_cut_total", {"what": "query"})
+    over = store.embedder.count_tokens(long_query) - store.embedder.max_tokens
+    assert over >= 40 and (after or 0) - (before or 0) == over
