@@ -53,3 +53,30 @@ def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bo
     if add_generation_prompt:
         parts.append(GENERATION_PROMPT)
     return "".join(parts)
+
+
+def render_prompt(
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The prompt text of a chat request with tools: ``render_chat`` plus the tool definitions.
+
+    ``render_chat`` renders messages, tool calls included; the definitions
+    join the first system message here (a ``# Tools`` block, one JSON object
+    a line, where Hermes-style templates put them), as a model's template
+    would render the request's ``tools``. Without tools the text is exactly
+    ``render_chat``'s. The fake vLLM counts prompts the same way.
+    """
+    if not tools:
+        return render_chat(messages, add_generation_prompt=add_generation_prompt)
+    block = "# Tools\n<tools>\n"
+    block += "".join(json.dumps(tool, ensure_ascii=False) + "\n" for tool in tools)
+    block += "</tools>"
+    rendered: list[Mapping[str, Any]] = list(messages)
+    if rendered and rendered[0]["role"] == "system":
+        system = rendered[0]
+        rendered[0] = {**system, "content": f"{system.get('content') or ''}\n\n{block}"}
+    else:
+        rendered.insert(0, {"role": "system", "content": block})
+    return render_chat(rendered, add_generation_prompt=add_generation_prompt)

@@ -28,7 +28,6 @@ is cached.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -36,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from infra.chat_template import IM_END, IM_START, render_chat
+from infra.chat_template import IM_END, IM_START, render_chat, render_prompt
 from infra.llm import (
     ChatMessage,
     LLMBase,
@@ -238,33 +237,6 @@ def _placeholder(schema: Mapping[str, Any], text: str) -> Any:
         return schema["minimum"]
     # A string, or a field of no stated type: the user's words are the likeliest fit.
     return _ZERO.get(str(kind), text)
-
-
-def render_prompt(
-    messages: Sequence[ChatMessage],
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    add_generation_prompt: bool = True,
-) -> str:
-    """The prompt text of a chat request with tools: ``render_chat`` plus the tool definitions.
-
-    ``render_chat`` renders messages, tool calls included; the definitions
-    join the first system message here (a ``# Tools`` block, one JSON object
-    a line, where Hermes-style templates put them), as a model's template
-    would render the request's ``tools``. Without tools the text is exactly
-    ``render_chat``'s. The fake vLLM counts prompts the same way.
-    """
-    if not tools:
-        return render_chat(messages, add_generation_prompt=add_generation_prompt)
-    block = "# Tools\n<tools>\n"
-    block += "".join(json.dumps(tool, ensure_ascii=False) + "\n" for tool in tools)
-    block += "</tools>"
-    rendered: list[Mapping[str, Any]] = list(messages)
-    if rendered and rendered[0]["role"] == "system":
-        system = rendered[0]
-        rendered[0] = {**system, "content": f"{system.get('content') or ''}\n\n{block}"}
-    else:
-        rendered.insert(0, {"role": "system", "content": block})
-    return render_chat(rendered, add_generation_prompt=add_generation_prompt)
 
 
 def tool_calls_text(calls: Sequence[Mapping[str, Any]]) -> str:

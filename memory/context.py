@@ -30,7 +30,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
-from infra.chat_template import render_chat
+from infra.chat_template import render_chat, render_prompt
 from infra.tokenizer import Tokenizer
 from memory.models import Message, RenderedMark, SessionState, Turn
 from memory.sanitise import sanitise
@@ -47,11 +47,11 @@ INLINE_TOKENIZE_CHARS = 8192
 SUMMARY_COUNTS_KEPT = 1024
 
 BREAK_REASONS = ("system", "tools", "memory", "compaction", "history_rewrite", "route_change")
-# Stable-prefix messages by version, of every builder this process made (a few at
-# most: a new prefix is a deliberate event), so a session's previous prompt can be
-# rendered again under the prefix it was sent with.
+# Stable prefixes by version (its system message and its tools), of every builder
+# this process made (a few at most: a new prefix is a deliberate event), so a
+# session's previous prompt can be rendered again under the prefix it was sent with.
 PREFIXES_KEPT = 16
-_prefix_messages: dict[str, Message] = {}
+_prefix_messages: dict[str, tuple[Message, tuple[dict[str, Any], ...]]] = {}
 
 
 def _canonical(obj: Any) -> str:
@@ -83,12 +83,24 @@ def extends(text: str, mark: RenderedMark) -> bool:
 @dataclass(frozen=True)
 class StablePrefix:
     """System prompt, tools, skills and output rules: the part of every prompt
-    that must never change by accident. Changing it is a new ``version``."""
+    that must never change by accident. Changing it is a new ``version``.
+
+    The tools are not text of the system message: they go in every request's
+    ``tools`` field, exactly these definitions in this order (the model's chat
+    template renders them at the top of the prompt, which is why they belong to
+    the prefix). Tools come from the tool registry (graph/tools.py), never from
+    the prefix file."""
 
     system_prompt: str
     tools: tuple[dict[str, Any], ...] = ()
     skills: tuple[str, ...] = ()
     output_rules: str = ""
+
+    def __post_init__(self) -> None:
+        # Canonical (keys sorted at every level): the same tools encode to the
+        # same request bytes whatever order their source gave the keys in.
+        canonical = tuple(json.loads(_canonical(t)) for t in self.tools)
+        object.__setattr__(self, "tools", canonical)
 
     @classmethod
     def load(cls, system_prompt: str, prefix_file: Path | None) -> StablePrefix:
@@ -96,17 +108,19 @@ class StablePrefix:
         if prefix_file is None:
             return cls(system_prompt=system_prompt)
         data = json.loads(Path(prefix_file).read_text())
+        if data.get("tools"):
+            raise ValueError(
+                f"{prefix_file}: 'tools' are no longer read from the prefix file; tools "
+                "come from MCP servers (TIERMEM_MCP_CONFIG) and the built-in memory tool"
+            )
         return cls(
             system_prompt=data.get("system_prompt", system_prompt),
-            tools=tuple(data.get("tools", ())),
             skills=tuple(data.get("skills", ())),
             output_rules=data.get("output_rules", ""),
         )
 
-    def _tools_text(self) -> str:
+    def _rules_text(self) -> str:
         parts = []
-        if self.tools:
-            parts.append("# Tools\n" + _canonical(list(self.tools)))
         if self.skills:
             parts.append("# Skills\n" + "\n".join(self.skills))
         if self.output_rules:
@@ -114,13 +128,15 @@ class StablePrefix:
         return "\n\n".join(parts)
 
     def render(self) -> str:
-        tools = self._tools_text()
-        return self.system_prompt + ("\n\n" + tools if tools else "")
+        """The system message's text (the tools travel in the request's field)."""
+        rules = self._rules_text()
+        return self.system_prompt + ("\n\n" + rules if rules else "")
 
     @property
     def version(self) -> str:
-        # Two halves, so a break can be blamed on the system prompt or the tools.
-        return _h(self.system_prompt) + _h(self._tools_text())
+        # Two halves, so a break can be blamed on the system prompt or the tools
+        # (skills and output rules count with the tools).
+        return _h(self.system_prompt) + _h(_canonical(list(self.tools)) + self._rules_text())
 
 
 SUMMARY_ACK = "Noted."
@@ -183,14 +199,31 @@ class ContextPlan:
     compaction: tuple[int, str] | None  # (new context_start, new context_summary)
     meta_updates: dict[str, str]
     _account_of: Callable[[ContextPlan], PrefixAccount] = field(repr=False)
+    # The request's ``tools``: the definitions of the plan's prefix, as they are.
+    tools: tuple[dict[str, Any], ...] = ()
 
     @cached_property
     def prompt_text(self) -> str:
-        return render_chat(self.messages, add_generation_prompt=True)
+        return render_prompt(self.messages, self.tools, add_generation_prompt=True)
+
+    def request_text(self, steps: Sequence[Message]) -> str:
+        """The prompt of the turn's request after tool ``steps`` (assistant calls
+        and tool results appended: the log grows, nothing above it moves)."""
+        if not steps:
+            return self.prompt_text
+        return render_prompt([*self.messages, *steps], self.tools, add_generation_prompt=True)
+
 
     @cached_property
     def account(self) -> PrefixAccount:
         return self._account_of(self)
+
+
+@dataclass(frozen=True)
+class _PrefixInfo:
+    prefix: StablePrefix
+    message: Message
+    tokens: int
 
 
 class ContextBuilder:
@@ -213,17 +246,39 @@ class ContextBuilder:
         # Notes on dropped, not yet summarised turns take at most about a tenth
         # of the budget (about four characters a token).
         self.max_note_chars = budget_tokens * 4 // 10
-        self._prefix_message = {"role": "system", "content": prefix.render()}
-        _prefix_messages.pop(prefix.version, None)
-        _prefix_messages[prefix.version] = self._prefix_message
-        while len(_prefix_messages) > PREFIXES_KEPT:
-            del _prefix_messages[next(iter(_prefix_messages))]
-        self._prefix_tokens = self._count_messages([self._prefix_message])
+        self._prefixes: dict[str, _PrefixInfo] = {}
+        self.use_prefix(prefix)
         self._gen_tokens = self.tokenizer.count(render_chat([], add_generation_prompt=True))
         # Token counts of summaries, by their whole text (no key can collide):
         # a session's live summary changes only at compaction, yet every turn
         # needs its count.
         self._summary_count = lru_cache(maxsize=SUMMARY_COUNTS_KEPT)(self._count_summary)
+
+    def use_prefix(self, prefix: StablePrefix) -> None:
+        """Makes ``prefix`` the one new sessions get (a new tool list, a new
+        skill). Sessions that have one keep theirs until they next compact."""
+        message: Message = {"role": "system", "content": prefix.render()}
+        tokens = self.tokenizer.count(render_prompt([message], prefix.tools, False))
+        info = _PrefixInfo(prefix, message, tokens)
+        for table in (self._prefixes, _prefix_messages):
+            table.pop(prefix.version, None)
+        self._prefixes[prefix.version] = info
+        _prefix_messages[prefix.version] = (message, prefix.tools)
+        for table in (self._prefixes, _prefix_messages):
+            while len(table) > PREFIXES_KEPT:
+                del table[next(iter(table))]
+        self.prefix = prefix
+        self._prefix_message = message
+        self._prefix_tokens = tokens
+
+    def _prefix_of(self, state: SessionState) -> _PrefixInfo:
+        """The prefix a session's next request is sent with: the one it has,
+        while this process knows it, else the current one."""
+        if state.prefix_version and state.turn_count:
+            info = self._prefixes.get(state.prefix_version)
+            if info is not None:
+                return info
+        return self._prefixes[self.prefix.version]
 
     def _count_messages(self, messages: list[Message]) -> int:
         return sum(self.tokenizer.count(render_chat([m])) for m in messages)
@@ -270,9 +325,13 @@ class ContextBuilder:
         ]
 
     def messages_for(
-        self, context_summary: str, turns: list[Turn], new_user: str | None
+        self,
+        context_summary: str,
+        turns: list[Turn],
+        new_user: str | None,
+        prefix_message: Message | None = None,
     ) -> list[Message]:
-        msgs: list[Message] = [self._prefix_message]
+        msgs: list[Message] = [prefix_message or self._prefix_message]
         if context_summary:
             msgs.extend(self.summary_messages(context_summary))
         for t in turns:
@@ -334,7 +393,8 @@ class ContextBuilder:
         summary = state.context_summary
         summary_tokens = self._summary_tokens(summary)
         turn_tokens = [self.turn_tokens(t) for t in turns]
-        total = self._prefix_tokens + summary_tokens + sum(turn_tokens) + new_tokens
+        info = self._prefix_of(state)
+        total = info.tokens + summary_tokens + sum(turn_tokens) + new_tokens
         total += self._gen_tokens
         compaction: tuple[int, str] | None = None
         if total > self.budget_tokens and turns:
@@ -343,7 +403,10 @@ class ContextBuilder:
             # summary that replaces them; notes on dropped turns it does not
             # cover yet come on top, within their own small allowance.
             running_tokens = self._summary_tokens(state.summary)
-            fixed = self._prefix_tokens + new_tokens + self._gen_tokens + running_tokens
+            # Compaction rewrites the context anyway: the session moves to the
+            # current prefix in the same step.
+            info = self._prefixes[self.prefix.version]
+            fixed = info.tokens + new_tokens + self._gen_tokens + running_tokens
             remaining = sum(turn_tokens)
             drop = 0
             while drop < len(turns) and fixed + remaining > target:
@@ -363,8 +426,9 @@ class ContextBuilder:
             next_index = exclude_turn if exclude_turn is not None else state.turn_count + 1
             new_start = turns[0].index if turns else next_index
             compaction = (new_start, summary)
-        messages = self.messages_for(summary, turns, new_user)
-        updates: dict[str, str] = {"prefix_version": self.prefix.version}
+        messages = self.messages_for(summary, turns, new_user, info.message)
+        version = info.prefix.version
+        updates: dict[str, str] = {"prefix_version": version}
         if compaction is not None:
             updates["context_start"] = str(compaction[0])
             updates["context_summary"] = compaction[1]
@@ -375,12 +439,18 @@ class ContextBuilder:
         compacted = compaction is not None
 
         def account_of(plan: ContextPlan) -> PrefixAccount:
-            return self._account(before, plan.prompt_text, plan.prompt_tokens, compacted)
+            return self._account(before, plan.prompt_text, plan.prompt_tokens, compacted, info)
 
-        return ContextPlan(messages, total, compaction, updates, account_of)
+        return ContextPlan(messages, total, compaction, updates, account_of,
+                           tools=info.prefix.tools)  # fmt: skip
 
     def _account(
-        self, state: _Previous, prompt_text: str, prompt_tokens: int, compacted: bool
+        self,
+        state: _Previous,
+        prompt_text: str,
+        prompt_tokens: int,
+        compacted: bool,
+        info: _PrefixInfo,
     ) -> PrefixAccount:
         mark = state.last_rendered
         if mark is None and state.turn_count == 0:
@@ -399,7 +469,7 @@ class ContextBuilder:
         tokens_before = _common_tokens(
             self.tokenizer.encode(prev), self.tokenizer.encode(prompt_text)
         )
-        reason = self._blame(state, prompt_text, pos, compacted)
+        reason = self._blame(state, pos, compacted, info)
         return PrefixAccount(prompt_tokens, self._blocks(min(tokens_before, prompt_tokens - 1)),
                              tokens_before, reason)  # fmt: skip
 
@@ -413,14 +483,14 @@ class ContextBuilder:
         # token is always computed), which the callers' min() already applies.
         return max(0, n) // self.block_tokens * self.block_tokens
 
-    def _blame(self, state: _Previous, prompt_text: str, pos: int, compacted: bool) -> str:
+    def _blame(self, state: _Previous, pos: int, compacted: bool, info: _PrefixInfo) -> str:
         old = state.prefix_version
-        new = self.prefix.version
+        new = info.prefix.version
         if old and old != new:
             return "system" if old[:8] != new[:8] else "tools"
         if compacted:
             return "compaction"
-        prefix_len = len(render_chat([self._prefix_message]))
+        prefix_len = len(render_prompt([info.message], info.prefix.tools, False))
         if pos < prefix_len:
             return "system"
         return "history_rewrite"
@@ -434,9 +504,13 @@ class ContextBuilder:
     ) -> str:
         # The prefix the session was last sent with, if this process built it
         # (else the current one: a session from an older process).
-        prefix = _prefix_messages.get(prefix_version, self._prefix_message)
+        prefix, tools = _prefix_messages.get(
+            prefix_version, (self._prefix_message, self.prefix.tools)
+        )
         if not turns:
-            return render_chat([prefix, *self.messages_for(context_summary, [], None)[1:]])
+            return render_prompt(
+                [prefix, *self.messages_for(context_summary, [], None)[1:]], tools, False
+            )
         *before, last = turns
         msgs = [prefix, *self.messages_for(context_summary, before, None)[1:]]
         tail = self.turn_messages(last)
@@ -445,13 +519,14 @@ class ContextBuilder:
             # The final reply as the model wrote it after the generation prompt.
             reply = str(tail[-1].get("content") or "")
             tail = tail[:-1]
-        return render_chat([*msgs, *tail], add_generation_prompt=True) + reply
+        return render_prompt([*msgs, *tail], tools, add_generation_prompt=True) + reply
 
     @staticmethod
-    def after_reply(plan: ContextPlan, reply: str) -> RenderedMark:
-        """The mark of the prompt + reply as sent, for the next turn's accounting
-        (``SessionState.last_rendered``): a length and a digest, not the text."""
-        return rendered_mark(plan.prompt_text, reply)
+    def after_reply(plan: ContextPlan, reply: str, steps: Sequence[Message] = ()) -> RenderedMark:
+        """The mark of the turn's last prompt + reply as sent (after its tool
+        ``steps``), for the next turn's accounting (``SessionState.last_rendered``):
+        a length and a digest, not the text."""
+        return rendered_mark(plan.request_text(steps), reply)
 
 
 def _common_tokens(a: list[int], b: list[int]) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from infra.chat_template import render_chat
+from infra.chat_template import render_chat, render_prompt
 from infra.tokenizer import Tokenizer, default_tokenizer
 from memory.context import (
     KV_BLOCK_TOKENS,
@@ -187,24 +187,33 @@ def test_tool_key_order_changes_neither_rendering_nor_version(tok: Tokenizer) ->
     assert json.dumps(TOOLS) != json.dumps(reversed_keys(TOOLS))  # the input really differs
     assert a.render() == b.render()
     assert a.version == b.version
-    # Canonical: sorted keys, no whitespace between JSON tokens.
-    tools_json = a.render().split("# Tools\n", 1)[1].split("\n\n", 1)[0]
-    assert json.loads(tools_json) == TOOLS
-    assert tools_json == json.dumps(TOOLS, sort_keys=True, separators=(",", ":"))
-    # And so the whole prompt of a turn is the same.
+    # The tools are not text of the system message: they travel in the request's
+    # field, canonical (sorted keys at every level), so they encode to the same bytes.
+    assert "# Tools" not in a.render()
+    assert [json.dumps(t) for t in a.tools] == [json.dumps(t, sort_keys=True) for t in TOOLS]
     pa = ContextBuilder(a, tok, 100_000).plan(new_state(), "hello", None)
     pb = ContextBuilder(b, tok, 100_000).plan(new_state(), "hello", None)
+    assert json.dumps(pa.tools) == json.dumps(pb.tools)
+    # And so the whole prompt of a turn is the same, the tools rendered in it.
     assert pa.prompt_text == pb.prompt_text
+    assert "search_catalogue" in pa.prompt_text and "lookup_order" in pa.prompt_text
 
 
 def test_prefix_file_with_reordered_keys_loads_to_the_same_version(tmp_path: Path) -> None:
-    data = {"system_prompt": SYSTEM, "tools": TOOLS, "skills": list(SKILLS), "output_rules": RULES}
+    data = {"system_prompt": SYSTEM, "skills": list(SKILLS), "output_rules": RULES}
     one = tmp_path / "one.json"
     two = tmp_path / "two.json"
     one.write_text(json.dumps(data))
     two.write_text(json.dumps(reversed_keys(data), indent=4))
     assert StablePrefix.load("ignored", one).version == StablePrefix.load("ignored", two).version
-    assert StablePrefix.load("ignored", one) == StablePrefix(SYSTEM, tuple(TOOLS), SKILLS, RULES)
+    assert StablePrefix.load("ignored", one) == StablePrefix(SYSTEM, (), SKILLS, RULES)
+
+
+def test_a_prefix_file_with_tools_is_refused_with_where_tools_come_from(tmp_path: Path) -> None:
+    path = tmp_path / "prefix.json"
+    path.write_text(json.dumps({"system_prompt": SYSTEM, "tools": TOOLS}))
+    with pytest.raises(ValueError, match="TIERMEM_MCP_CONFIG"):
+        StablePrefix.load("ignored", path)
 
 
 def test_prefix_carries_no_per_request_value(builder: ContextBuilder) -> None:
@@ -246,7 +255,8 @@ def test_a_changed_prefix_is_a_new_version_and_breaks_with_its_reason(
     account = plan.account
     assert plan.meta_updates["prefix_version"] == changed.version
     assert account.reason == reason
-    prefix_tokens = tok.count(render_chat([plan.messages[0]]))
+    # The prefix as rendered: the system message with the tools the request carries.
+    prefix_tokens = tok.count(render_prompt([plan.messages[0]], plan.tools, False))
     assert account.first_diff_token is not None
     assert account.first_diff_token < prefix_tokens
     assert account.expected_cacheable == blocks(account.first_diff_token)
@@ -289,7 +299,7 @@ def test_each_prompt_extends_the_previous_prompt_and_reply(
         prompt_ids = tok.encode(plan.prompt_text)
         # The token count is that of the text actually sent.
         assert plan.prompt_tokens == len(prompt_ids)
-        assert plan.prompt_text == render_chat(plan.messages, add_generation_prompt=True)
+        assert plan.prompt_text == render_prompt(plan.messages, plan.tools)
         account = plan.account
         assert account.prompt_tokens == plan.prompt_tokens
         if previous is None:
@@ -390,7 +400,10 @@ def test_closing_tag_variants_are_neutralised_too(closing: str) -> None:
 
 
 def prefix_tokens(prefix: StablePrefix, tok: Tokenizer) -> int:
-    return tok.count(render_chat([{"role": "system", "content": prefix.render()}]))
+    # The system message with the tools the request carries, as the template renders them.
+    return tok.count(
+        render_prompt([{"role": "system", "content": prefix.render()}], prefix.tools, False)
+    )
 
 
 def _sizes(prefix: StablePrefix, tok: Tokenizer, state: SessionState, message: str) -> int:
