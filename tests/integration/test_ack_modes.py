@@ -217,7 +217,10 @@ async def test_replica_mode_on_a_cluster_waits_on_the_node_that_wrote(tmp_path: 
     try:
         for node in cluster.nodes[: cluster.masters]:
             wait_replica_online(node.port)
-        l2 = store(client, "replica")
+        # The healthy masters' commits get a generous wait (a loaded machine can
+        # take longer than 300 ms to replicate); only the frozen one's must time out.
+        l2 = store(client, "replica", HEALTHY_ACK_TIMEOUT_MS)
+        l2_short = store(client, "replica")
         sessions = [new_session() for _ in range(30)]
         owners = {s: cluster.master_for_key(SessionKeys(TENANT, s).meta) for s in sessions}
         assert len({o.port for o in owners.values()}) == 3
@@ -233,7 +236,7 @@ async def test_replica_mode_on_a_cluster_waits_on_the_node_that_wrote(tmp_path: 
                 turn = Turn.of_text(2, "t2", "c", "d")
                 if owners[s] is frozen_master:
                     with pytest.raises(DurabilityTimeout):
-                        await l2.commit(state, turn, user_id="u")
+                        await l2_short.commit(state, turn, user_id="u")
                 else:
                     assert await l2.commit(state, turn, user_id="u") == 2
         finally:
