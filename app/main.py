@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
+from app.mcp_server import McpApp
 from app.routes import memories, probes, sessions, turns
 from app.services import Services
 from infra.settings import Settings
@@ -18,6 +19,7 @@ from infra.settings import Settings
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or Settings()
     services = services or Services(settings)
+    mcp = McpApp(services)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -29,7 +31,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         gc.collect()
         gc.freeze()
         try:
-            yield
+            # The MCP server's session manager serves /mcp while it runs.
+            async with mcp.lifespan():
+                yield
         finally:
             await services.stop()
 
@@ -45,5 +49,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(sessions.router)
     app.include_router(memories.router)
     app.include_router(probes.router)
+    # MCP (Streamable HTTP, stateless) behind the same API keys: app/mcp_server.py.
+    app.router.routes.append(mcp.route)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
