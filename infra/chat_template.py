@@ -9,6 +9,12 @@ Each message renders on its own, independent of what follows it: with an
 append-only message log, ``render_chat(log, True) + reply`` is an exact text
 prefix of ``render_chat(log + [assistant reply, next user message], True)``.
 That is the property vLLM's prefix cache rewards.
+
+The embedded engine serves with this very template (``chat_template.jinja`` beside
+this module, passed as ``--chat-template``), so what tiermem counts is what vLLM
+tokenises, tools and tool calls included (tests/engine checks it with vLLM's own
+``/tokenize``). Another vLLM serves its model's template: set
+``TIERMEM_TOKENIZER`` to its tokenizer and expect the tool rendering to differ.
 """
 
 from __future__ import annotations
@@ -27,6 +33,21 @@ def render_message(role: str, content: str) -> str:
     return f"{IM_START}{role}\n{content}{IM_END}\n"
 
 
+def call_arguments(arguments: Any) -> dict[str, Any]:
+    """A call's arguments as a chat template gets them: vLLM parses the JSON text
+    into an object, and anything else (broken JSON, an array, nothing) becomes
+    ``{}`` (vllm/renderers/chat_utils.py, ``_postprocess_messages``)."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not isinstance(arguments, str) or not arguments:
+        return {}
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
 def _content(m: Mapping[str, Any]) -> str:
     """A message's text, with an assistant's tool calls as Hermes-style
     ``<tool_call>`` blocks (the form Qwen and SmolLM templates give them)."""
@@ -34,7 +55,7 @@ def _content(m: Mapping[str, Any]) -> str:
     for call in m.get("tool_calls") or ():
         fn = call.get("function") or {}
         body = json.dumps(
-            {"name": fn.get("name"), "arguments": fn.get("arguments")},
+            {"name": fn.get("name"), "arguments": call_arguments(fn.get("arguments"))},
             ensure_ascii=False,
             separators=(",", ":"),
         )
@@ -71,7 +92,7 @@ def render_prompt(
     if not tools:
         return render_chat(messages, add_generation_prompt=add_generation_prompt)
     block = "# Tools\n<tools>\n"
-    block += "".join(json.dumps(tool, ensure_ascii=False) + "\n" for tool in tools)
+    block += "".join(_tool_line(tool) for tool in tools)
     block += "</tools>"
     rendered: list[Mapping[str, Any]] = list(messages)
     if rendered and rendered[0]["role"] == "system":
@@ -80,3 +101,19 @@ def render_prompt(
     else:
         rendered.insert(0, {"role": "system", "content": block})
     return render_chat(rendered, add_generation_prompt=add_generation_prompt)
+
+
+def _tool_line(tool: Mapping[str, Any]) -> str:
+    """One tool definition as the template writes it: its function's description,
+    name and parameters, in that order (vLLM hands a template its own model of
+    the tool, so only these fields and the parameters' own key order survive)."""
+    fn = tool.get("function") or {}
+
+    def js(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    return (
+        f'{{"function": {{"description": {js(fn.get("description") or "")}, '
+        f'"name": {js(fn.get("name"))}, "parameters": {js(fn.get("parameters") or {})}}}, '
+        '"type": "function"}\n'
+    )

@@ -52,6 +52,8 @@ ENGINE_STAMP = ".tiermem-engine-ok"
 # The prepared model (infra/engine_prep.py writes it and its manifest).
 MODEL_NAME = "SmolLM2-135M-Instruct"
 MODEL_MANIFEST = ".tiermem-model.json"
+# The chat template the engine serves with: the one tiermem counts tokens with.
+CHAT_TEMPLATE = Path(__file__).resolve().parent / "chat_template.jinja"
 
 RESTART_BACKOFF_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
@@ -342,6 +344,13 @@ class EmbeddedEngine:
             "--enable-prompt-tokens-details",
             "--block-size", str(self.block_size),
             "--enforce-eager",
+            # Tools in every request (tiermem's fixed list) with tool_choice
+            # "auto": vLLM refuses that without a parser. SmolLM2 writes
+            # Hermes-style <tool_call> blocks, the form infra/chat_template.py renders.
+            "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+            # tiermem's own template: what its token accounting renders
+            # (infra/chat_template.py), tools and tool calls included.
+            "--chat-template", str(CHAT_TEMPLATE),
             "--disable-uvicorn-access-log",
             *self.extra_args,
         ]  # fmt: skip

@@ -266,3 +266,76 @@ async def test_two_replicas_rendezvous_keeps_each_session_on_its_cache(
     # Round robin sends turn 2 of each session to the other replica, which holds
     # only the shared system prompt: less is cached in all.
     assert rr_cached < hrw_cached
+
+
+# --- tools on the real engine --------------------------------------------------------
+
+TOOL_DEFS = [
+    {"function": {"description": "Search the user's long-term memory, é and 中 included.",
+                  "name": "memory__search",
+                  "parameters": {"properties": {"k": {"type": "integer"},
+                                                "query": {"type": "string"}},
+                                 "required": ["query"], "type": "object"}},
+     "type": "function"},
+    {"function": {"description": "Echo.", "name": "local__echo",
+                  "parameters": {"properties": {"text": {"type": "string"}}, "type": "object"}},
+     "type": "function"},
+]  # fmt: skip
+SEARCH = {"name": "memory__search", "arguments": '{"query": "boat", "k": 2}'}
+CALL = {"id": "call_1", "type": "function", "function": SEARCH}
+TOOL_TURN: list[ChatMessage] = [
+    {"role": "system", "content": SYSTEM_PROMPT},
+    {"role": "user", "content": "What is my boat called?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},  # type: ignore[list-item]
+    {"role": "tool", "tool_call_id": "call_1", "name": "memory__search",
+     "content": "[1] session=s1 turns=1-10\nThe boat is called Seabird."},
+    {"role": "assistant", "content": "She is called Seabird.",
+     "tool_calls": [{**CALL, "id": "call_2", "function": {"name": "local__echo",
+                                                          "arguments": "not json"}}]},
+    {"role": "tool", "tool_call_id": "call_2", "name": "local__echo", "content": "ERROR: bad"},
+]  # fmt: skip
+
+
+async def test_the_engine_tokenises_tools_and_tool_calls_as_tiermem_counts(
+    engine: EmbeddedEngine,
+) -> None:
+    """The engine serves tiermem's chat template: its own /tokenize of a request
+    with tools, tool calls (one with broken arguments) and tool results gives the
+    very tokens tiermem's accounting counts."""
+    from infra.chat_template import render_prompt
+    from infra.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(str(STATUS.model_dir))
+    async with httpx.AsyncClient(timeout=120) as client:
+        for messages, tools in ((TOOL_TURN, TOOL_DEFS), (TOOL_TURN[:2], None)):
+            body: dict[str, Any] = {"model": engine.model_name, "messages": messages,
+                                    "add_generation_prompt": True}  # fmt: skip
+            if tools:
+                body["tools"] = tools
+            r = await client.post(engine.url.removesuffix("/v1") + "/tokenize", json=body)
+            assert r.status_code == 200, r.text
+            ours = tok.encode(render_prompt(messages, tools))
+            assert r.json()["tokens"] == ours, (len(r.json()["tokens"]), len(ours))
+
+
+async def test_a_tool_step_reuses_the_previous_request_on_the_real_engine(
+    engine: EmbeddedEngine,
+) -> None:
+    """The request after a tool step is the one before plus the call and its
+    result: the engine serves it from its cache, whole blocks of the first."""
+    session = f"tools-{uuid.uuid4().hex[:8]}"
+    llm = OpenAICompatibleLLM(
+        [engine.url], model=engine.model_name, max_tokens=8, temperature=0.0,
+        first_token_timeout_s=300, read_timeout_s=120,
+    )  # fmt: skip
+    try:
+        first = await llm.complete(TOOL_TURN[:2], session_key=session, tools=TOOL_DEFS)
+        second = await llm.complete(TOOL_TURN[:4], session_key=session, tools=TOOL_DEFS)
+    finally:
+        await llm.aclose()
+    assert first.usage is not None and second.usage is not None
+    least = first.usage.prompt_tokens // BLOCK * BLOCK
+    print(f"\ntool step on the real engine: 2nd request cached {second.usage.cached_tokens} "
+          f"of {second.usage.prompt_tokens} prompt tokens (1st request: "
+          f"{first.usage.prompt_tokens}, whole blocks {least})")  # fmt: skip
+    assert (second.usage.cached_tokens or 0) >= least
