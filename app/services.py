@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Any
 
 from app.auth import ApiKeyAuth, ensure_dev_key
@@ -21,12 +22,14 @@ from graph.builder import TurnRunner
 from graph.checkpointer import RedisCheckpointSaver
 from graph.nodes import TurnDeps
 from graph.state import TurnControl
+from graph.tools import MEMORY_SEARCH, MEMORY_SERVER, Tooling
 from infra.embedded_redis import EmbeddedRedis, ensure_redis
 from infra.embeddings import Embedder, build_embedder, close_embedder
 from infra.engine import EmbeddedEngine, EngineError, engine_status
 from infra.errors import TiermemError
 from infra.executors import Executors
 from infra.llm import LLMClient, OpenAICompatibleLLM, build_llm
+from infra.mcp import MCPConfigError, MCPConnections, MCPTool, load_mcp_config
 from infra.milvus import AsyncMilvus
 from infra.redis_channel import ChannelListener
 from infra.redis_client import REDIS_ERRORS, RedisLike, create_redis, is_cluster
@@ -75,6 +78,8 @@ class Services:
         self.engine: EmbeddedEngine | None = None
         self.auth: ApiKeyAuth | None = None
         self.dev_key: str | None = None
+        self.mcp: MCPConnections | None = None
+        self.tooling: Tooling | None = None
         self._background: list[asyncio.Task[None]] = []
         self._stack = AsyncExitStack()
 
@@ -188,20 +193,27 @@ class Services:
         tokenizer = build_tokenizer(
             s.tokenizer, model_dir=self.engine.model if self.engine is not None else None
         )
+        tooling = await self._start_tools(stack)
+        base_prefix = StablePrefix.load(s.system_prompt, s.prefix_file)
         context = ContextBuilder(
-            StablePrefix.load(s.system_prompt, s.prefix_file),
+            replace(base_prefix, tools=tooling.registry.current.definitions),
             tokenizer,
             self._context_budget(),
             s.compaction_target_ratio,
             executor=self.executors.cpu,
             block_tokens=s.kv_block_tokens,
         )
+        # A new tool list (an MCP server changed its tools) is a new prefix for
+        # new sessions; live ones keep theirs until they compact.
+        tooling.registry.on_change = lambda ts: context.use_prefix(
+            replace(base_prefix, tools=ts.definitions)
+        )
         checkpointer = RedisCheckpointSaver(
             self.redis, ttl_s=s.session_ttl_s, max_history=CHECKPOINTS_KEPT
         )
         self.runner = TurnRunner(
             TurnDeps(s, self.sessions, self.l2, self.l3, self.llm, context, self.archiver,
-                     self.metrics, checkpointer)
+                     self.metrics, checkpointer, tooling)
         )  # fmt: skip
         # None when both limits are off: then admission costs nothing.
         self.rate_limiter = RateLimiter.from_settings(s, self.redis, self.metrics)
@@ -217,6 +229,33 @@ class Services:
                    "llm": self.llm.name, "embedder": self.embedder.name,
                    "tokenizer": tokenizer.name},
         )  # fmt: skip
+
+    async def _start_tools(self, stack: AsyncExitStack) -> Tooling:
+        """The tool registry, with the tools of the configured MCP servers
+        (``TIERMEM_MCP_CONFIG``): their connections open now and stay open; a
+        server down at start is retried in the background, and its tools join
+        (as a new prefix version) once it lists them."""
+        s = self.settings
+        if s.mcp_config is not None:
+            configs = load_mcp_config(s.mcp_config)
+            if any(c.name == MEMORY_SERVER for c in configs):
+                raise MCPConfigError(
+                    f"{s.mcp_config}: the server name {MEMORY_SERVER!r} is tiermem's own "
+                    f"({MEMORY_SEARCH}); name the server otherwise"
+                )
+            self.mcp = MCPConnections(configs, on_tools_changed=self._on_tools_changed)
+            stack.push_async_callback(self.mcp.aclose)
+            await self.mcp.start()
+        self.tooling = tooling = Tooling.from_settings(s, self.mcp)
+        for server, tools in (self.mcp.tools() if self.mcp is not None else {}).items():
+            tooling.registry.set_server_tools(server, tools)
+        log.info("tools: %d (%s)", len(tooling.registry.current.specs),
+                 ", ".join(tooling.registry.current.names) or "none")  # fmt: skip
+        return tooling
+
+    def _on_tools_changed(self, server: str, tools: tuple[MCPTool, ...]) -> None:
+        if self.tooling is not None:
+            self.tooling.registry.set_server_tools(server, tools)
 
     async def _start_llm(self, stack: AsyncExitStack) -> LLMClient:
         """What answers: ``TIERMEM_LLM_URL``'s server, else (``TIERMEM_LLM``) the

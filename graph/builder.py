@@ -15,7 +15,7 @@ Graph = CompiledStateGraph[Any, Any, Any, Any]
 
 
 def build_turn_graph(checkpointer: Any = None) -> Graph:
-    """``prepare -> (retrieve)? -> agent -> commit -> (archive)?``
+    """``prepare -> (retrieve)? -> agent <-> (tools)* -> commit -> (archive)?``
 
     Served without a LangGraph checkpointer on purpose: LangGraph would read a
     checkpoint before every run and write one after every step, round trips that
@@ -26,14 +26,14 @@ def build_turn_graph(checkpointer: Any = None) -> Graph:
 
     Nodes that branch say where to go with a ``Command`` (destinations declared
     here, so the drawn graph shows every edge): a conditional edge would be one
-    more runnable, with its own callbacks, on every turn. Issue 13's ``tools``
-    node joins as ``agent -> tools -> agent``.
+    more runnable, with its own callbacks, on every turn.
     """
     nodes = TurnNodes()
     g = StateGraph(TurnState, context_schema=TurnContext, output_schema=TurnOutput)
     g.add_node("prepare", nodes.prepare, destinations=("retrieve", "agent", END))
     g.add_node("retrieve", nodes.retrieve)
-    g.add_node("agent", nodes.agent, destinations=("commit",))
+    g.add_node("agent", nodes.agent, destinations=("tools", "commit"))
+    g.add_node("tools", nodes.tools, destinations=("agent", "commit"))
     g.add_node("commit", nodes.commit, destinations=("archive", END))
     g.add_node("archive", nodes.archive)
     g.add_edge(START, "prepare")
@@ -62,13 +62,20 @@ class TurnRunner:
         async with self.deps.sessions.turn_lock(inp.tenant, inp.session_id):
             ctx = TurnContext(self.deps, control, started)
             try:
-                final: dict[str, Any] = await self.graph.ainvoke(inp.state(), context=ctx)
+                # Each LLM step is two graph steps (agent, tools), plus the rest.
+                limit = 2 * self.deps.tools.max_steps + 8
+                final: dict[str, Any] = await self.graph.ainvoke(
+                    inp.state(), context=ctx, config={"recursion_limit": limit}
+                )
             finally:
                 await ctx.run.aclose()
         # Every phase is known only once the graph is done (commit included).
         timings = final.get("timings") or {}
         for phase, secs in timings.items():
             m.phase_seconds.labels(phase).observe(secs)
-        # What the service itself spends: every phase but the wait for the LLM.
-        m.overhead_seconds.observe(sum(v for k, v in timings.items() if k != "agent"))
+        # What the service itself spends: every phase but the waits for the LLM
+        # and for the tools themselves.
+        m.overhead_seconds.observe(
+            sum(v for k, v in timings.items() if k not in ("agent", "tool_run"))
+        )
         return final

@@ -6,8 +6,9 @@ become a wire format. Each event knows its SSE ``name`` and its ``data()``, the
 JSON object the client reads.
 
 The order of one turn: ``meta``, then ``memory`` (when long-term memory was used),
-``token``..., then ``done`` or ``error``. ``tool_call``, ``tool_result`` and
-``skill`` will sit between ``meta`` and ``done`` once tools and skills exist.
+then per LLM step ``token``... and, when the step calls tools, a ``tool_call``
+per call and a ``tool_result`` per call (in call order once the step's calls are
+done), then ``done`` or ``error``. ``skill`` will sit among them once skills exist.
 """
 
 from __future__ import annotations
@@ -67,6 +68,39 @@ class Memory:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCalled:
+    """The model called a tool: ``arguments`` is the JSON text it wrote."""
+
+    name: ClassVar[str] = "tool_call"
+    id: str
+    tool: str
+    arguments: str
+
+    def data(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.tool, "arguments": self.arguments}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """What a tool call gave the model; ``content`` is cut for the stream
+    (``truncated`` then says so); the model got it whole, up to its own cap."""
+
+    name: ClassVar[str] = "tool_result"
+    id: str
+    tool: str
+    ok: bool
+    content: str
+    truncated: bool = False
+
+    def data(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "name": self.tool, "ok": self.ok,
+                             "content": self.content}  # fmt: skip
+        if self.truncated:
+            d["truncated"] = True
+        return d
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     """The turn is stored (or was already: ``status`` ``duplicate``, or a replay)."""
 
@@ -113,6 +147,6 @@ class Error:
                 "retryable": self.retryable, **self.turn}  # fmt: skip
 
 
-TurnEvent = Meta | Token | Memory | Done | Error
+TurnEvent = Meta | Token | Memory | ToolCalled | ToolResult | Done | Error
 
-__all__ = ["Done", "Error", "Memory", "Meta", "Token", "TurnEvent"]
+__all__ = ["Done", "Error", "Memory", "Meta", "Token", "ToolCalled", "ToolResult", "TurnEvent"]

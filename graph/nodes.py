@@ -1,6 +1,6 @@
 """The nodes of the turn graph:
 
-    prepare -> (retrieve)? -> agent -> commit -> (archive)?
+    prepare -> (retrieve)? -> agent <-> (tools)* -> commit -> (archive)?
 
 Each node is a method of ``TurnNodes`` taking the state (data) and LangGraph's
 ``Runtime`` whose context (``TurnContext``) carries the collaborators, the
@@ -12,26 +12,42 @@ The LLM request goes out as soon as the prompt is known: from ``prepare`` when
 the turn retrieves nothing, else from ``agent`` once the memories are in; either
 way ``agent`` owns the reply (``graph.reply``) and ``commit`` stores it, so a
 client that leaves still gets its turn committed.
+
+The agent loop. A reply with tool calls goes to ``tools``, which runs them
+(graph/tools.py), records the step in L2 and sends the next LLM request, then
+hands back to ``agent``; at most ``TIERMEM_AGENT_MAX_STEPS`` requests, the last
+with ``tool_choice`` "none". Every request of a turn carries its prefix's
+``tools`` array unchanged; masking never edits it.
+
+Tool steps are durable. Each step's results are written to L2 (one round
+trip) before the next LLM request; a step with a side-effecting call (an MCP
+tool not marked read-only or idempotent) also writes its intent before the
+calls run. A retry of the turn (same ``turn_id``, or ``Last-Event-ID``) starts
+from the recorded steps: recorded results are reused, and a call whose intent
+was recorded without a result (a crash while it ran) is not run again: the
+model gets an error result saying so. So no side-effecting call runs twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
 from graph.checkpointer import RedisCheckpointSaver
-from graph.events import Done, Error, Memory, Meta, Token
+from graph.events import Done, Error, Memory, Meta, Token, ToolCalled, ToolResult
 from graph.guard import check_message, needs_memory
-from graph.reply import ReplyStream
+from graph.reply import ReplyOutcome, ReplyStream
 from graph.state import PER_TURN_RESET, TurnContext, TurnState
+from graph.tools import Tooling, ToolOutcome, tool_message
 from infra.errors import TiermemError
-from infra.llm import ChatMessage, LLMClient
+from infra.llm import ChatMessage, LLMClient, ToolCall, assistant_message
 from infra.settings import Settings
 from memory.archiver import Archiver
 from memory.context import ContextBuilder, render_memories
@@ -39,7 +55,7 @@ from memory.l2_store import CheckpointWrite, L2Store
 from memory.l3_store import L3Store, batch_id_for, memory_hit_json
 from memory.metrics import Metrics
 from memory.models import Message, SessionState, Turn
-from memory.sessions import Sessions, retryable_in_place
+from memory.sessions import Sessions, StorageUnavailable, retryable_in_place
 
 log = logging.getLogger("tiermem.turn")
 
@@ -57,6 +73,7 @@ class TurnDeps:
     archiver: Archiver
     metrics: Metrics
     checkpointer: RedisCheckpointSaver
+    tools: Tooling
 
 
 def _since(t0: float) -> float:
@@ -90,19 +107,28 @@ class TurnNodes:
                 )  # fmt: skip
             if stored is not None:
                 retry_of = stored.index
+            # A retry resumes after the tool steps the earlier attempt recorded.
+            records = await d.sessions.tool_steps(tenant, session_id, state["turn_id"])
+        else:
+            records = []
         turn = retry_of or session.turn_count + 1
         ctx.control.emit(Meta(state["turn_id"], session_id, turn, opened.l1_hit, d.llm.is_dev,
                               model=d.llm.name))  # fmt: skip
+        resumed = await _resume(ctx, state, records) if records else _Resumed()
         need = needs_memory(state["message"], state.get("retrieve", "auto"))
         update: TurnState = {**PER_TURN_RESET, "turn": turn, "l1_hit": opened.l1_hit,
-                             "retry_of": retry_of, "need_memory": need}  # fmt: skip
+                             "retry_of": retry_of, "need_memory": need,
+                             "messages": [{"role": "user", "content": state["message"]},
+                                          *resumed.messages],
+                             "step": resumed.steps, "tool_calls": resumed.log}  # fmt: skip
         if need:
             update["timings"] = {"prepare": _since(t0)}
             return Command(update=update, goto="retrieve")
         # Nothing to retrieve: the prompt is known now, so the request goes out
         # now, before LangGraph's next step.
         load_s = _since(t0)
-        plan_s = await _start_reply(ctx, state, session, None, retry_of)
+        plan_s = await _start_reply(ctx, state, session, None, retry_of, resumed.messages,
+                                    resumed.steps + 1)  # fmt: skip
         update["timings"] = {"prepare": load_s, "plan": plan_s}
         return Command(update=update, goto="agent")
 
@@ -144,42 +170,115 @@ class TurnNodes:
                 "timings": {"retrieve": _since(t0)}}  # fmt: skip
 
     # --- agent --------------------------------------------------------------------
-    async def agent(self, state: TurnState, runtime: Rt) -> Command[Literal["commit"]]:
-        """The reply: waits for the LLM stream (started here, or by prepare) to
-        end or be cancelled. Issue 13 adds the loop: a reply with tool calls goes
-        to a ``tools`` node that comes back here for the next LLM request."""
+    async def agent(self, state: TurnState, runtime: Rt) -> Command[Literal["tools", "commit"]]:
+        """One LLM reply: waits for the stream (started by prepare, tools, or
+        here) to end or be cancelled. Calls go to ``tools``; text ends the turn."""
         t0 = time.perf_counter()
         ctx = runtime.context
+        d = ctx.deps
         run = ctx.run
         timings: dict[str, float] = {}
+        messages = list(state.get("messages") or [{"role": "user", "content": state["message"]}])
+        step = int(state.get("step") or 0) + 1
         if run.reply is None:
             assert run.session is not None
             timings["plan"] = await _start_reply(
-                ctx, state, run.session, state.get("memory_block"), state.get("retry_of")
-            )
-        assert run.reply is not None
+                ctx, state, run.session, state.get("memory_block"), state.get("retry_of"),
+                messages[1:], step,
+            )  # fmt: skip
+        assert run.reply is not None and run.plan is not None
         outcome = await run.reply.finish()
-        messages: list[Message] = [{"role": "user", "content": state["message"]}]
-        if outcome.text or outcome.status != "failed":
-            messages.append({"role": "assistant", "content": outcome.text})
-        done = outcome.done
-        u = done.usage if done is not None else None
-        plan = run.plan
-        assert plan is not None
-        usage: dict[str, Any] = {
-            "prompt_tokens": u.prompt_tokens if u else plan.prompt_tokens,
-            "completion_tokens": u.completion_tokens if u else len(outcome.text.split()),
-            "cached_tokens": u.cached_tokens if u else None,
-            "ttft_ms": round(outcome.ttft_ms, 2) if outcome.ttft_ms is not None else None,
-            "replica": done.replica if done else None,
-            "route_moved": bool(done and done.moved),
-        }
-        timings["agent"] = _since(t0)
-        return Command(
-            update={"messages": messages, "status": outcome.status, "error": outcome.error,
-                    "usage": usage, "timings": timings},
-            goto="commit",
-        )  # fmt: skip
+        run.reply = None
+        calls = outcome.tool_calls
+        if calls and step >= d.tools.max_steps:
+            # tool_choice "none" was not obeyed: calls at the last step never run,
+            # and a call without a result must not enter the log.
+            log.warning("the model called tools at its last step (%d); ignored", step)
+            calls = ()
+        if outcome.text or calls or outcome.status != "failed":
+            messages.append(cast("Message", assistant_message(outcome.text, calls)))
+        llm_steps = [*(state.get("llm_steps") or []), _step_tokens(outcome)]
+        usage = _usage(state.get("usage") or {}, outcome, run.plan.prompt_tokens)
+        timings["agent"] = (state.get("timings") or {}).get("agent", 0.0) + _since(t0)
+        update: dict[str, Any] = {"messages": messages, "status": outcome.status,
+                                  "error": outcome.error, "usage": usage, "step": step,
+                                  "llm_steps": llm_steps, "timings": timings}  # fmt: skip
+        if calls and not ctx.control.cancel.is_set():
+            for call in calls:
+                ctx.control.emit(ToolCalled(call.id, call.name, call.arguments))
+            return Command(update=update, goto="tools")
+        return Command(update=update, goto="commit")
+
+    # --- tools --------------------------------------------------------------------
+    async def tools(self, state: TurnState, runtime: Rt) -> Command[Literal["agent", "commit"]]:
+        """Runs the last reply's calls, records the step, sends the next request."""
+        t0 = time.perf_counter()
+        ctx = runtime.context
+        d = ctx.deps
+        run = ctx.run
+        tenant, session_id, turn_id = state["tenant"], state["session_id"], state["turn_id"]
+        messages = list(state["messages"])
+        assistant = messages[-1]
+        calls = [_call_of(c) for c in assistant.get("tool_calls") or ()]
+        toolset = run.toolset
+        assert toolset is not None and run.session is not None
+        step = int(state["step"])
+        side_effects = any(
+            (spec := toolset.get(c.name)) is None or spec.side_effecting for c in calls
+        )
+        user = run.session.user_id or state["user_id"]
+
+        async def search(query: str, k: int) -> list[dict[str, Any]]:
+            return [memory_hit_json(h) for h in await d.l3.search(tenant, user, query, k)]
+
+        try:
+            if side_effects:
+                # Before anything runs: a crash from here on leaves a trace, and
+                # the retry reports the call instead of running it again.
+                intent = {"step": step, "assistant": assistant}
+                await d.sessions.record_tool_step(tenant, session_id, turn_id, intent)
+            t_run = time.perf_counter()
+            outcomes = await d.tools.executor.run(calls, toolset, tenant=tenant,
+                                                  memory_search=search)  # fmt: skip
+            run_s = _since(t_run)
+            results = [tool_message(o) for o in outcomes]
+            await d.sessions.record_tool_step(
+                tenant, session_id, turn_id,
+                {"step": step, "assistant": assistant, "results": results,
+                 "ok": [o.ok for o in outcomes]},
+            )  # fmt: skip
+        except StorageUnavailable as exc:
+            # Not durable, so not continued: the turn fails, retryable, and the
+            # unanswered calls leave the log (a retry decides again).
+            log.warning("tool step %d not recorded (%s): the turn fails", step, exc)
+            d.metrics.errors.labels("tool_record").inc()
+            messages[-1] = cast("Message", assistant_message(str(assistant.get("content") or "")))
+            if not messages[-1].get("content"):
+                messages.pop()
+            return Command(
+                update={"messages": messages, "status": "failed",
+                        "error": {"code": exc.code, "message": exc.message, "retryable": True},
+                        "timings": {"tools": _since(t0)}},
+                goto="commit",
+            )  # fmt: skip
+        tool_log = [*(state.get("tool_calls") or []), *_emit_results(ctx, outcomes)]
+        for o in outcomes:
+            d.metrics.tool_calls.labels(_source(o.call.name), "ok" if o.ok else "error").inc()
+        messages.extend(results)
+        update: dict[str, Any] = {"messages": messages, "tool_calls": tool_log}
+        # "tool_run" is the tools' own time; "tools" what tiermem adds around it.
+        prior = state.get("timings") or {}
+        if ctx.control.cancel.is_set():
+            # The client left (or the drain is out of time) while the tools ran:
+            # stored as it is; a retry continues from the recorded step.
+            update["status"] = "interrupted"
+            goto: Literal["agent", "commit"] = "commit"
+        else:
+            await _send(ctx, state, messages[1:], step + 1)
+            goto = "agent"
+        update["timings"] = {"tools": prior.get("tools", 0.0) + _since(t0) - run_s,
+                             "tool_run": prior.get("tool_run", 0.0) + run_s}  # fmt: skip
+        return Command(update=update, goto=goto)
 
     # --- commit -------------------------------------------------------------------
     async def commit(self, state: TurnState, runtime: Rt) -> Command[Literal["archive", "__end__"]]:
@@ -197,12 +296,25 @@ class TurnNodes:
         moved = usage.pop("route_moved", False)
         usage.pop("replica", None)
         reason = "route_change" if moved and account.reason is None else account.reason
-        usage.update(expected_cacheable_tokens=account.expected_cacheable, prefix_break=reason)
+        llm_steps = state.get("llm_steps") or []
+        expected = account.expected_cacheable + _later_steps_cacheable(
+            llm_steps, d.context.block_tokens
+        )
+        usage.update(expected_cacheable_tokens=expected, prefix_break=reason)
+        if len(llm_steps) > 1:
+            usage["llm_requests"] = len(llm_steps)
+        if state.get("tool_calls"):
+            usage["tool_calls"] = state["tool_calls"]
         interrupted_by = ctx.control.reason if status == "interrupted" else None
         if interrupted_by:
             usage["interrupted_by"] = interrupted_by
         messages = list(state.get("messages") or [])
-        reply = "".join(str(m.get("content") or "") for m in messages[1:])
+        # The reply the next prompt will extend: the final plain assistant text,
+        # after the tool steps the last request carried.
+        final = messages[-1] if len(messages) > 1 else {}
+        plain = final.get("role") == "assistant" and not final.get("tool_calls")
+        reply = str(final.get("content") or "") if plain else ""
+        steps = messages[1:-1] if plain else messages[1:]
         turn = Turn(
             index=0, turn_id=state["turn_id"], messages=messages, status=status,
             memories=state.get("memory_block"), created_at=time.time(), usage=usage,
@@ -224,7 +336,7 @@ class TurnNodes:
             session, turn, user_id=state["user_id"],
             prefix_version=plan.meta_updates["prefix_version"], compaction=plan.compaction,
             retry_of=state.get("retry_of"),
-            rendered=d.context.after_reply(plan, reply) if status != "failed" else None,
+            rendered=d.context.after_reply(plan, reply, steps) if status != "failed" else None,
             checkpoint_for=checkpoint_for, l1_hit=bool(state.get("l1_hit")),
         )  # fmt: skip
         if committed.duplicate_of is not None:
@@ -283,21 +395,166 @@ async def _start_reply(
     session: SessionState,
     memory_block: str | None,
     retry_of: int | None,
+    steps: list[Message] | None = None,
+    request_no: int = 1,
 ) -> float:
-    """Plans the prompt and sends the LLM request; returns the planning time."""
+    """Plans the prompt and sends the turn's first LLM request of this run (after
+    any ``steps`` a retried turn resumes); returns the planning time."""
     t0 = time.perf_counter()
     d = ctx.deps
     plan = await d.context.plan_async(session, state["message"], memory_block,
                                       exclude_turn=retry_of)  # fmt: skip
     ctx.run.plan = plan
+    ctx.run.toolset = d.tools.toolset_for(plan.tools)
     plan_s = _since(t0)
-    messages = cast("list[ChatMessage]", plan.messages)
-    ctx.run.reply = reply = ReplyStream(
+    await _send(ctx, state, steps or [], request_no)
+    return plan_s
+
+
+async def _send(ctx: TurnContext, state: TurnState, steps: list[Message], request_no: int) -> None:
+    """Sends LLM request number ``request_no`` of the turn: the plan's messages,
+    then the tool steps so far; always the plan's ``tools``, masked by
+    ``tool_choice`` only."""
+    d = ctx.deps
+    run = ctx.run
+    plan, toolset = run.plan, run.toolset
+    assert plan is not None and toolset is not None
+    choice = d.tools.policy.choice(state["tenant"], toolset,
+                                   last_step=request_no >= d.tools.max_steps)  # fmt: skip
+    messages = cast("list[ChatMessage]", [*plan.messages, *steps])
+    run.reply = reply = ReplyStream(
         d.llm, messages, session_key=f"{state['tenant']}:{state['session_id']}",
         control=ctx.control, metrics=d.metrics, started=ctx.started,
+        tools=plan.tools, tool_choice=choice, first_step=run.requests == 0,
     )  # fmt: skip
+    run.requests += 1
     await reply.start()
-    return plan_s
+
+
+def _call_of(entry: dict[str, Any]) -> ToolCall:
+    fn = entry.get("function") or {}
+    return ToolCall(str(entry.get("id")), str(fn.get("name")), str(fn.get("arguments") or ""))
+
+
+def _source(name: str) -> str:
+    server, sep, _ = name.partition("__")
+    if not sep:
+        return "unknown"
+    return "memory" if server == "memory" else "mcp"
+
+
+def _emit_results(ctx: TurnContext, outcomes: list[ToolOutcome]) -> list[dict[str, Any]]:
+    """The ``tool_result`` events of a step, in call order; returns its log entries."""
+    cap = ctx.deps.tools.event_max_chars
+    entries = []
+    for o in outcomes:
+        content = o.content
+        ctx.control.emit(ToolResult(o.call.id, o.call.name, o.ok, content[:cap],
+                                    truncated=len(content) > cap))  # fmt: skip
+        entries.append({"id": o.call.id, "name": o.call.name, "ok": o.ok})
+    return entries
+
+
+@dataclass
+class _Resumed:
+    """The tool steps an earlier attempt of the turn recorded."""
+
+    messages: list[Message] = field(default_factory=list)
+    steps: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+NOT_REPEATED = (
+    "this call was started before an interruption and may have run; it is not run "
+    "again. Check whether it took effect before calling it again."
+)
+
+
+async def _resume(ctx: TurnContext, state: TurnState, records: list[dict[str, Any]]) -> _Resumed:
+    """The recorded steps as messages, their events sent again. A step whose
+    intent was recorded without its results gets error results and is not run
+    (those results are recorded, so a further retry reads the same)."""
+    d = ctx.deps
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in records:
+        entry = by_step.setdefault(int(r["step"]), {"assistant": r["assistant"]})
+        if r.get("results") is not None:
+            entry["results"], entry["ok"] = r["results"], r["ok"]
+    out = _Resumed()
+    for step in sorted(by_step):
+        entry = by_step[step]
+        assistant = entry["assistant"]
+        calls = [_call_of(c) for c in assistant.get("tool_calls") or ()]
+        for call in calls:
+            ctx.control.emit(ToolCalled(call.id, call.name, call.arguments))
+        if "results" in entry:
+            recorded = zip(calls, entry["results"], entry["ok"], strict=False)
+            outcomes = [ToolOutcome(c, bool(ok), _result_text(m)) for c, m, ok in recorded]
+        else:
+            outcomes = [ToolOutcome(c, False, NOT_REPEATED, not_repeated=True) for c in calls]
+            await d.sessions.record_tool_step(
+                state["tenant"], state["session_id"], state["turn_id"],
+                {"step": step, "assistant": assistant,
+                 "results": [tool_message(o) for o in outcomes], "ok": [False] * len(calls)},
+            )  # fmt: skip
+            log.warning("turn %s: step %d was cut short; its calls are not run again",
+                        state["turn_id"], step)  # fmt: skip
+        out.messages.append(assistant)
+        out.messages.extend(tool_message(o) for o in outcomes)
+        out.log.extend(_emit_results(ctx, outcomes))
+        out.steps = step
+    return out
+
+
+def _result_text(message: dict[str, Any]) -> str:
+    content = str(message.get("content") or "")
+    return content.removeprefix("ERROR: ")
+
+
+def _step_tokens(outcome: ReplyOutcome) -> dict[str, Any]:
+    u = outcome.done.usage if outcome.done is not None else None
+    return {"prompt": u.prompt_tokens if u else None,
+            "completion": u.completion_tokens if u else None,
+            "cached": u.cached_tokens if u else None}  # fmt: skip
+
+
+def _usage(prev: dict[str, Any], outcome: ReplyOutcome, plan_tokens: int) -> dict[str, Any]:
+    """The turn's usage so far: tokens summed over its LLM requests; TTFT,
+    replica and route of the first one."""
+    done = outcome.done
+    u = done.usage if done is not None else None
+    first = not prev
+    prompt = u.prompt_tokens if u else (plan_tokens if first else 0)
+    completion = u.completion_tokens if u else len(outcome.text.split())
+    cached = u.cached_tokens if u else None
+    if first:
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "cached_tokens": cached,
+            "ttft_ms": round(outcome.ttft_ms, 2) if outcome.ttft_ms is not None else None,
+            "replica": done.replica if done else None,
+            "route_moved": bool(done and done.moved),
+        }
+    usage = dict(prev)
+    usage["prompt_tokens"] = (prev.get("prompt_tokens") or 0) + prompt
+    usage["completion_tokens"] = (prev.get("completion_tokens") or 0) + completion
+    if cached is not None or prev.get("cached_tokens") is not None:
+        usage["cached_tokens"] = (prev.get("cached_tokens") or 0) + (cached or 0)
+    return usage
+
+
+def _later_steps_cacheable(llm_steps: list[dict[str, Any]], block: int) -> int:
+    """Expected prefix reuse of a turn's later requests: each extends the one
+    before with its reply and the tool results, so all of that earlier prompt
+    and reply is reusable (whole blocks, never the last prompt token)."""
+    total = 0
+    for before, this in itertools.pairwise(llm_steps):
+        if before.get("prompt") is None or this.get("prompt") is None:
+            continue
+        n = min(before["prompt"] + (before.get("completion") or 0), this["prompt"] - 1)
+        total += max(0, n) // block * block
+    return total
 
 
 def _due(d: TurnDeps, session: SessionState, index: int, threshold: int) -> str | None:
@@ -319,10 +576,23 @@ def _made_due(session: SessionState, index: int, threshold: int) -> str | None:
 
 def _replay(ctx: TurnContext, turn_id: str, session_id: str, turn: Turn) -> None:
     """A finished turn asked for again (a retry, or Last-Event-ID): sent whole
-    from L2, without the LLM and without writing anything."""
+    from L2, without the LLM, the tools or writing anything: its tool calls and
+    results, then its text."""
     emit = ctx.control.emit
     emit(Meta(turn_id, session_id, turn.index, replayed=True))
     if turn.memory_hits:
         emit(Memory("replay", turn.memory_hits))
+    ok_of = {c.get("id"): bool(c.get("ok")) for c in (turn.usage or {}).get("tool_calls") or ()}
+    cap = ctx.deps.tools.event_max_chars
+    for m in turn.messages:
+        if m.get("role") == "assistant":
+            for entry in m.get("tool_calls") or ():
+                call = _call_of(entry)
+                emit(ToolCalled(call.id, call.name, call.arguments))
+        elif m.get("role") == "tool":
+            call_id = str(m.get("tool_call_id"))
+            content = _result_text(m)
+            emit(ToolResult(call_id, str(m.get("name") or ""), ok_of.get(call_id, True),
+                            content[:cap], truncated=len(content) > cap))  # fmt: skip
     emit(Token(turn.assistant))
     emit(Done(turn_id, turn.index, turn.status, turn.usage or {}, replayed=True))

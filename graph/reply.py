@@ -18,13 +18,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from graph.events import Token
 from graph.state import TurnControl
-from infra.llm import ChatMessage, LLMClient, LLMDone, LLMError, LLMToken
+from infra.llm import ChatMessage, LLMClient, LLMDone, LLMError, LLMToken, ToolCall, ToolChoice
 from memory.metrics import Metrics
 
 log = logging.getLogger("tiermem.turn")
@@ -38,6 +38,13 @@ class ReplyOutcome:
     ttft_ms: float | None
     error: dict[str, Any] | None  # {"code", "message", "retryable"}
 
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        """The calls of a reply that completed (an interrupted one's are dropped)."""
+        if self.status != "complete" or self.done is None:
+            return ()
+        return self.done.tool_calls
+
 
 class ReplyStream:
     def __init__(
@@ -49,9 +56,17 @@ class ReplyStream:
         control: TurnControl,
         metrics: Metrics,
         started: float,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: ToolChoice | None = None,
+        first_step: bool = True,
     ) -> None:
+        """``started`` is when the turn's request arrived; only the first step
+        of a turn (``first_step``) is its time to first token."""
         self._llm = llm
         self._messages = messages
+        self._tools = tools or None
+        self._tool_choice = tool_choice if tools else None
+        self._first_step = first_step
         self._session_key = session_key
         self._control = control
         self._metrics = metrics
@@ -72,14 +87,18 @@ class ReplyStream:
     async def _consume(self) -> None:
         emit = self._control.emit
         pieces = self._pieces
-        stream = self._llm.stream_chat(self._messages, session_key=self._session_key)
+        stream = self._llm.stream_chat(
+            self._messages, session_key=self._session_key, tools=self._tools,
+            tool_choice=self._tool_choice,
+        )  # fmt: skip
         try:
             async for ev in stream:
                 if isinstance(ev, LLMToken):
                     if self._ttft_ms is None:
                         first_s = time.perf_counter() - self._started
                         self._ttft_ms = first_s * 1000
-                        self._metrics.ttft_seconds.observe(first_s)
+                        if self._first_step:
+                            self._metrics.ttft_seconds.observe(first_s)
                     pieces.append(ev.text)
                     emit(Token(ev.text))
                 elif isinstance(ev, LLMDone):

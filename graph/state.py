@@ -26,6 +26,7 @@ from graph.events import TurnEvent
 if TYPE_CHECKING:
     from graph.nodes import TurnDeps
     from graph.reply import ReplyStream
+    from graph.tools import ToolSet
     from memory.context import ContextPlan
     from memory.models import SessionState
 
@@ -79,6 +80,10 @@ class TurnRun:
     session: SessionState | None = None
     plan: ContextPlan | None = None
     reply: ReplyStream | None = None
+    # The tools the plan's prefix offers (what a call may name).
+    toolset: ToolSet | None = None
+    # LLM requests this run sent (the first one's first token is the TTFT).
+    requests: int = 0
 
     async def aclose(self) -> None:
         """Ends what is still running when the graph stops early (an error)."""
@@ -120,8 +125,15 @@ class TurnState(TypedDict, total=False):
     # --- retrieve ---
     memories: list[dict[str, Any]]  # hits: batch_id, session_id, turns, text, score
     memory_block: str | None
-    # --- agent ---
-    messages: list[dict[str, Any]]  # this turn's messages, OpenAI format
+    # --- agent <-> tools ---
+    # This turn's messages, OpenAI format: the user's, then per LLM step the
+    # assistant's (with its tool_calls) and the tool results.
+    messages: list[dict[str, Any]]
+    step: int  # LLM requests answered so far this turn
+    # Per LLM request: {"prompt", "completion", "cached"} tokens (prefix accounting).
+    llm_steps: list[dict[str, Any]]
+    # Per tool call: {"id", "name", "ok"}.
+    tool_calls: list[dict[str, Any]]
     status: Literal["complete", "failed", "interrupted"]
     error: dict[str, Any] | None  # {"code", "message", "retryable"}
     usage: dict[str, Any]
@@ -148,6 +160,7 @@ class TurnOutput(TypedDict, total=False):
 # checkpoint carries the previous turn's values until prepare resets them.
 PER_TURN_RESET: TurnState = {
     "turn": 0, "l1_hit": False, "replayed": False, "retry_of": None, "need_memory": False,
-    "memories": [], "memory_block": None, "messages": [], "status": "complete",
+    "memories": [], "memory_block": None, "messages": [], "step": 0, "llm_steps": [],
+    "tool_calls": [], "status": "complete",
     "error": None, "usage": {}, "version": 0, "archive_batch": None,
 }  # fmt: skip

@@ -169,6 +169,36 @@ class Settings(BaseSettings):
     )
     prefix_file: Path | None = None
 
+    # --- tools and MCP (graph/tools.py, infra/mcp.py) ----------------------------
+    # A JSON file of MCP servers in the common format: {"mcpServers": {"<name>":
+    # {"command", "args", "env"}}} (stdio) or {"<name>": {"url", "headers"}} (HTTP).
+    mcp_config: Path | None = None
+    # LLM requests of one turn at most; the last one may not call tools.
+    agent_max_steps: int = Field(default=8, ge=1, le=64)
+    # Each tool call gets this long; a slower one is an error result for the model.
+    tool_timeout_s: float = Field(default=30.0, gt=0)
+    # A tool result longer than this is cut (with a note saying so) before the LLM sees it.
+    tool_result_max_chars: int = Field(default=16_000, ge=256)
+    # What a tool_result event carries of the result (the stream is for people).
+    tool_event_max_chars: int = Field(default=2_000, ge=64)
+    # Per-tenant allowlist of tool names (fnmatch patterns), as JSON:
+    # {"acme": ["memory__*", "files__read"], "*": ["memory__search"]}. A tenant not
+    # named falls back to "*"; with no "*" (or no setting) every tool is allowed.
+    # The tools sent to the LLM never change with it: it only masks.
+    tools_allow: dict[str, list[str]] | None = None
+    # The built-in memory__search tool (the model searches long-term memory itself).
+    memory_tool: bool = True
+    # Browser origins /mcp accepts (requests without Origin always pass):
+    # fnmatch patterns; the default accepts local pages only.
+    mcp_allowed_origins: list[str] = Field(
+        default_factory=lambda: [
+            "http://localhost",
+            "http://localhost:*",
+            "http://127.0.0.1",
+            "http://127.0.0.1:*",
+        ]
+    )
+
     # --- L1 -----------------------------------------------------------------------
     l1_max_sessions: int = Field(default=10_000, ge=1)
     l1_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)

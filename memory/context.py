@@ -213,7 +213,6 @@ class ContextPlan:
             return self.prompt_text
         return render_prompt([*self.messages, *steps], self.tools, add_generation_prompt=True)
 
-
     @cached_property
     def account(self) -> PrefixAccount:
         return self._account_of(self)

@@ -99,6 +99,10 @@ class SessionKeys:
     def turn(self, turn_id: str) -> str:
         return f"{self.base}:turn:{validate_id(turn_id, 'turn_id')}"
 
+    def tool_steps(self, turn_id: str) -> str:
+        """The tool steps a turn has run (graph/nodes.py), before it is committed."""
+        return f"{self.base}:tools:{validate_id(turn_id, 'turn_id')}"
+
     def batch(self, batch_id: str) -> str:
         return f"{self.base}:batch:{batch_id}"
 

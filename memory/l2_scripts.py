@@ -172,3 +172,11 @@ if not idx then return false end
 local base = tonumber(redis.call('HGET', KEYS[1], 'log_base') or '1')
 return redis.call('LINDEX', KEYS[2], tonumber(idx) - base)
 """
+
+# KEYS: tool-steps list of one turn; ARGV: record (JSON), ttl_s.
+# One round trip per tool step: the record and its TTL together.
+RECORD_TOOL_STEP = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""

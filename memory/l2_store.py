@@ -152,6 +152,7 @@ class L2Store:
         self._advance = redis.register_script(l2_scripts.ADVANCE)
         self._cut = redis.register_script(l2_scripts.CUT_BATCH)
         self._committed = redis.register_script(l2_scripts.COMMITTED_TURN)
+        self._tool_step = redis.register_script(l2_scripts.RECORD_TOOL_STEP)
         # Round trips to Redis are what an L1 hit saves: counted as a metric
         # (tiermem_l2_round_trips_total), which the benchmarks and tests read.
         self._round_trips = (metrics or Metrics()).l2_round_trips
@@ -338,6 +339,28 @@ class L2Store:
             return None
         await self.confirm_durable(tenant, session_id, turn_id)
         return turn
+
+    # --- tool steps of a turn in flight ------------------------------------------
+    async def record_tool_step(
+        self, tenant: str, session_id: str, turn_id: str, record: dict[str, Any]
+    ) -> None:
+        """Appends one record of a tool step (an intent before side-effecting
+        calls run, or the step's results) to the turn's list: one round trip.
+        Kept as long as the turn's idempotency record; the committed turn holds
+        the same messages, so nothing reads the list once the turn is stored."""
+        k = SessionKeys(tenant, session_id)
+        await self._run(self._tool_step, [k.tool_steps(turn_id)],
+                        [orjson.dumps(record), self.turn_record_ttl_s])  # fmt: skip
+
+    async def tool_steps(self, tenant: str, session_id: str, turn_id: str) -> list[dict[str, Any]]:
+        """The tool-step records of a turn, in the order they were written."""
+        k = SessionKeys(tenant, session_id)
+        self._round_trips.inc()
+        try:
+            raw = await self.redis.lrange(k.tool_steps(turn_id), 0, -1)
+        except REDIS_ERRORS as exc:
+            raise L2Error(f"redis: {exc}") from exc
+        return [orjson.loads(r) for r in raw]
 
     async def read_turns(
         self, tenant: str, session_id: str, first: int, last: int, log_base: int

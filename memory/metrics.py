@@ -123,3 +123,9 @@ class Metrics:
             "tiermem_l2_round_trips", "Round trips to Redis made by the L2 store", registry=r
         )
         self.errors = Counter("tiermem_errors", "Errors, by kind", ["kind"], registry=r)
+        self.tool_calls = Counter(
+            "tiermem_tool_calls",
+            "Tool calls the model made, by source (memory, mcp, unknown) and outcome",
+            ["source", "outcome"],
+            registry=r,
+        )

@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from infra.errors import Unavailable
 from memory.keys import thread_of_meta_key
@@ -162,6 +163,21 @@ class Sessions:
     async def stored_turn(self, tenant: str, session_id: str, turn_id: str) -> Turn | None:
         try:
             return await self.l2.committed_turn(tenant, session_id, turn_id)
+        except L2Error as exc:
+            raise StorageUnavailable(str(exc)) from exc
+
+    async def tool_steps(self, tenant: str, session_id: str, turn_id: str) -> list[dict[str, Any]]:
+        """What a turn in flight recorded of its tool steps (a retry resumes from it)."""
+        try:
+            return await self.l2.tool_steps(tenant, session_id, turn_id)
+        except L2Error as exc:
+            raise StorageUnavailable(str(exc)) from exc
+
+    async def record_tool_step(
+        self, tenant: str, session_id: str, turn_id: str, record: dict[str, Any]
+    ) -> None:
+        try:
+            await self.l2.record_tool_step(tenant, session_id, turn_id, record)
         except L2Error as exc:
             raise StorageUnavailable(str(exc)) from exc
 
