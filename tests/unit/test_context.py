@@ -230,6 +230,40 @@ def _changed_tools() -> list[dict[str, Any]]:
     return tools
 
 
+def test_a_new_prefix_reaches_new_sessions_and_live_ones_at_their_compaction(
+    prefix: StablePrefix, tok: Tokenizer
+) -> None:
+    """A tool list that changed (use_prefix) is for new sessions: a live session
+    keeps its tools, byte for byte, until its context is compacted anyway."""
+    budget = prefix_tokens(prefix, tok) + 400
+    builder = ContextBuilder(prefix, tok, budget_tokens=budget)
+    live = new_state("live")
+    play(builder, live, EXCHANGES[:1])
+    wider = StablePrefix(SYSTEM, (*prefix.tools, {"type": "function", "function": {
+        "name": "gift_wrap", "description": "Wrap it.", "parameters": {"type": "object"}}}),
+        SKILLS, RULES)  # fmt: skip
+    builder.use_prefix(wider)
+    fresh = builder.plan(new_state("fresh"), "hello", None)
+    assert fresh.meta_updates["prefix_version"] == wider.version and fresh.tools == wider.tools
+    plans = []
+    for message, reply in EXCHANGES[1:] * 2:
+        plan = builder.plan(live, message, None)
+        commit(live, plan, message, reply)
+        plans.append(plan)
+        if plan.compaction is not None:
+            break
+    *before, compacted = plans
+    assert compacted.compaction is not None, "the budget should have forced a compaction"
+    assert before, "at least one turn before the compaction"
+    for plan in before:
+        assert plan.meta_updates["prefix_version"] == prefix.version
+        assert json.dumps(plan.tools) == json.dumps(prefix.tools)
+        assert plan.account.reason is None
+    assert compacted.meta_updates["prefix_version"] == wider.version
+    assert compacted.tools == wider.tools
+    assert compacted.account.reason == "tools"
+
+
 @pytest.mark.parametrize(
     ("changed", "reason"),
     [
