@@ -603,6 +603,34 @@ class OpenAICompatibleLLM(LLMBase):
                 log.warning("LLM replica %s unreachable, trying %s", pick.replica, nxt.replica)
                 pick = Pick(nxt.replica, moved=True)
 
+    @property
+    def replicas(self) -> list[str]:
+        """The replicas known now (configured, or as discovery last listed them)."""
+        return self.router.replicas
+
+    async def warm(
+        self,
+        replica: str,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> LLMUsage | None:
+        """Sends ``messages`` to ``replica`` alone for one token, so its prefix cache
+        holds their KV blocks before a session needs them; raises ``LLMError``.
+        With ``tools`` the request says ``tool_choice: "none"``: the model must
+        not spend its token on a call."""
+        await self._ensure_discovery()
+        body = self._request_body(messages, 1, tools, "none" if tools else None, 0.0)
+        started = asyncio.get_running_loop().time()
+        usage: LLMUsage | None = None
+        try:
+            async for event in self._stream_once(Pick(replica, False), body, "prewarm", started):
+                if isinstance(event, LLMDone):
+                    usage = event.usage
+        except _ConnectFailed as failed:
+            raise failed.error from None
+        return usage
+
     async def health(self) -> bool:
         """True when at least one replica answers ``GET /models``; updates router health."""
         await self._ensure_discovery()

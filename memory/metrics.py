@@ -123,6 +123,12 @@ class Metrics:
             "tiermem_l2_round_trips", "Round trips to Redis made by the L2 store", registry=r
         )
         self.errors = Counter("tiermem_errors", "Errors, by kind", ["kind"], registry=r)
+        self.prewarms = Counter(
+            "tiermem_prewarms",
+            "Stable prefixes sent to an LLM replica ahead of sessions, by outcome",
+            ["outcome"],
+            registry=r,
+        )
         self.tool_calls = Counter(
             "tiermem_tool_calls",
             "Tool calls the model made, by source (memory, mcp, unknown) and outcome",

@@ -36,6 +36,9 @@ def make_settings(data_dir: Path, redis_url: str, **overrides: Any) -> Settings:
         # would start the embedded vLLM engine where it is installed (tests/engine
         # runs that one, shared across its module).
         "llm": "dev",
+        # No prewarm requests unless a test asks for them: most tests count the
+        # requests their fake LLM gets (tests/e2e/test_prewarm.py turns it on).
+        "prewarm": False,
         "auth": "off",
         "sweep_interval_s": 3600.0,
         "log_format": "text",
@@ -93,7 +96,8 @@ class ServeProcess:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
         # The development LLM unless the test says otherwise (see make_settings).
-        self.env = {**os.environ, "TIERMEM_LLM": "dev", **env, "TIERMEM_PORT": str(self.port),
+        self.env = {**os.environ, "TIERMEM_LLM": "dev", "TIERMEM_PREWARM": "false", **env,
+                    "TIERMEM_PORT": str(self.port),
                     "TIERMEM_HOST": "127.0.0.1"}  # fmt: skip
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None

@@ -85,6 +85,7 @@ class Engines:
         serve_cpu, own_cpu = _cpus()
         env = {
             "TIERMEM_LLM": "auto",  # what `tiermem serve` does with nothing set
+            "TIERMEM_PREWARM": "true",  # the default (the harness turns it off)
             "TIERMEM_DATA_DIR": str(root / "serve-data"),
             "TIERMEM_ENGINE_PYTHON": str(STATUS.python),
             "TIERMEM_ENGINE_MODEL_DIR": str(STATUS.model_dir),

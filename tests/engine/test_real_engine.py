@@ -129,6 +129,10 @@ async def test_serve_runs_the_embedded_engine_and_says_so(engines: Engines) -> N
         assert "offline development model" not in r.text
     print("replies:", repr(first.text), repr(second.text))
     assert second.done["usage"]["cached_tokens"] > 0
+    # Prewarmed at start: turn 1 of the first session found the stable prefix
+    # (system message and tools) cached, whole blocks of it.
+    assert "warm on" in await asyncio.to_thread(serve.log_path.read_text)
+    assert first.done["usage"]["cached_tokens"] >= BLOCK
     # Its accounting counts in the engine's tokens: the prompt sizes agree.
     assert first.done["usage"]["prompt_tokens"] > 0
 
