@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.mcp_server import McpApp
-from app.routes import memories, probes, sessions, turns
+from app.routes import agents, memories, probes, sessions, skills, turns
 from app.services import Services
 from infra.settings import Settings
 
@@ -49,6 +49,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(sessions.router)
     app.include_router(memories.router)
     app.include_router(probes.router)
+    app.include_router(agents.router)
+    app.include_router(skills.router)
     # MCP (Streamable HTTP, stateless) behind the same API keys: app/mcp_server.py.
     app.router.routes.append(mcp.route)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from contextlib import AsyncExitStack
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from app.auth import ApiKeyAuth, ensure_dev_key
 from app.ratelimit import RateLimiter
+from graph.agents import DEFAULT_AGENT, Agents
 from graph.builder import TurnRunner
 from graph.checkpointer import RedisCheckpointSaver
+from graph.events import Error, Token, TurnEvent
 from graph.nodes import TurnDeps
-from graph.state import TurnControl
-from graph.tools import MEMORY_SEARCH, MEMORY_SERVER, Tooling
+from graph.prewarm import PrefixRequest, Prewarmer, Warmable
+from graph.state import TurnControl, TurnInput, TurnState
+from graph.tools import AGENTS_ASK, RESERVED_SERVERS, SKILL_TOOLS, Tooling, agents_ask_spec
 from infra.embedded_redis import EmbeddedRedis, ensure_redis
 from infra.embeddings import Embedder, build_embedder, close_embedder
 from infra.engine import EmbeddedEngine, EngineError, engine_status
@@ -39,10 +43,12 @@ from memory.archiver import Archiver, CrashHook
 from memory.context import ContextBuilder, StablePrefix
 from memory.keys import INVALIDATION_CHANNEL
 from memory.l1_pool import L1Pool
-from memory.l2_store import L2Store
+from memory.l2_store import L2Store, new_turn_id
 from memory.l3_store import L3Store
 from memory.metrics import Metrics
 from memory.sessions import Sessions
+from memory.skill_detector import SkillDetector
+from memory.skills import SkillRegistry
 
 log = logging.getLogger("tiermem.services")
 
@@ -80,6 +86,8 @@ class Services:
         self.dev_key: str | None = None
         self.mcp: MCPConnections | None = None
         self.tooling: Tooling | None = None
+        self.prewarmer: Prewarmer | None = None
+        self.skill_detector: SkillDetector | None = None
         self._background: list[asyncio.Task[None]] = []
         self._stack = AsyncExitStack()
 
@@ -96,6 +104,10 @@ class Services:
     rate_limiter: RateLimiter | None
     executors: Executors
     runner: TurnRunner
+    agents: Agents
+    skills: SkillRegistry
+    context: ContextBuilder
+    base_prefix: StablePrefix
 
     async def start(self) -> None:
         try:
@@ -194,8 +206,15 @@ class Services:
             s.tokenizer, model_dir=self.engine.model if self.engine is not None else None
         )
         tooling = await self._start_tools(stack)
-        base_prefix = StablePrefix.load(s.system_prompt, s.prefix_file)
-        context = ContextBuilder(
+        self.agents = Agents.from_settings(s)
+        self.skills = SkillRegistry(s.skills_dir)
+        await asyncio.to_thread(self.skills.load)
+        tooling.skills = self.skills
+        if s.skills_dir is not None and s.skills_max_active > 0:
+            self.skill_detector = SkillDetector(self.embedder, max_active=s.skills_max_active)
+            await self._index_skills()
+        self.base_prefix = base_prefix = StablePrefix.load(s.system_prompt, s.prefix_file)
+        self.context = context = ContextBuilder(
             replace(base_prefix, tools=tooling.registry.current.definitions),
             tokenizer,
             self._context_budget(),
@@ -203,21 +222,29 @@ class Services:
             executor=self.executors.cpu,
             block_tokens=s.kv_block_tokens,
         )
+
         # A new tool list (an MCP server changed its tools) is a new prefix for
         # new sessions; live ones keep theirs until they compact.
-        tooling.registry.on_change = lambda ts: context.use_prefix(
-            replace(base_prefix, tools=ts.definitions)
-        )
+        self.refresh_prefixes()
+        tooling.registry.on_change = lambda _ts: self.refresh_prefixes()
         checkpointer = RedisCheckpointSaver(
             self.redis, ttl_s=s.session_ttl_s, max_history=CHECKPOINTS_KEPT
         )
         self.runner = TurnRunner(
             TurnDeps(s, self.sessions, self.l2, self.l3, self.llm, context, self.archiver,
-                     self.metrics, checkpointer, tooling)
+                     self.metrics, checkpointer, tooling, self.agents, self._ask_agent,
+                     self.skill_detector)
         )  # fmt: skip
         # None when both limits are off: then admission costs nothing.
         self.rate_limiter = RateLimiter.from_settings(s, self.redis, self.metrics)
+        await self._start_prewarm(context)
         self._background = [
+            *self._background,
+            asyncio.create_task(self._reload_config_forever(), name="config-reload"),
+            asyncio.create_task(
+                self.skills.watch(s.config_reload_s, lambda _r: self._skills_changed()),
+                name="skills-reload",
+            ),
             asyncio.create_task(self.archiver.sweep_forever(s.sweep_interval_s), name="sweeper"),
             asyncio.create_task(self._evict_idle_forever(), name="l1-evictor"),
         ]
@@ -230,6 +257,128 @@ class Services:
                    "tokenizer": tokenizer.name},
         )  # fmt: skip
 
+    async def _ask_agent(self, parent: TurnState, agent: str, question: str) -> tuple[str, str]:
+        """``agents__ask``: a turn of ``agent`` in a child session of the asking
+        one (``<session>.<agent>``, the same user), so each agent keeps its own
+        prefix and history warm. Bounded by ``TIERMEM_AGENT_MAX_DEPTH`` (and each
+        turn by its steps). Returns its answer and the child session's id."""
+        depth = int(parent.get("depth") or 0) + 1
+        if depth > self.settings.agent_max_depth:
+            raise ValueError(
+                f"agents may ask agents at most {self.settings.agent_max_depth} deep "
+                "(TIERMEM_AGENT_MAX_DEPTH)"
+            )
+        if agent not in self.agents.profiles:
+            raise ValueError(f"there is no agent {agent!r}")
+        child = f"{parent['session_id']}.{agent}"
+        if len(child) > 128:
+            child = (
+                f"{parent['session_id'][:100]}.{hashlib.sha256(child.encode()).hexdigest()[:27]}"
+            )
+        text: list[str] = []
+        failure: list[str] = []
+
+        def collect(event: TurnEvent) -> None:
+            if isinstance(event, Token):
+                text.append(event.text)
+            elif isinstance(event, Error):
+                failure.append(f"{event.code}: {event.message}")
+
+        inp = TurnInput(
+            tenant=parent["tenant"], session_id=child, user_id=parent["user_id"],
+            message=question, turn_id=new_turn_id(), agent=agent, depth=depth,
+        )  # fmt: skip
+        await self.runner.run(inp, TurnControl(emit=collect))
+        if failure:
+            raise ValueError(f"{agent} could not answer ({failure[0]})")
+        return "".join(text), child
+
+    async def _reload_config_forever(self) -> None:
+        """Edits of the agents file reach new sessions without a restart; live
+        sessions keep their prefix until they compact. A broken file is logged
+        and the agents stay as they were."""
+        while True:
+            await asyncio.sleep(self.settings.config_reload_s)
+            try:
+                changed = await asyncio.to_thread(self.agents.read_if_changed)
+                if changed is not None:
+                    self.agents.apply(*changed)
+                    self.refresh_prefixes()
+            except Exception:  # never let a reload end the loop
+                log.exception("configuration reload failed")
+
+    def _skills_changed(self) -> None:
+        self.refresh_prefixes()
+        if self.skill_detector is not None:
+            self._background = [t for t in self._background if not t.done()]
+            task = asyncio.create_task(self._index_skills(), name="skills-index")
+            self._background.append(task)
+
+    async def _index_skills(self) -> None:
+        """The detector learns the catalog (an embedding per skill, off the turn
+        path); until it has, it picks nothing."""
+        assert self.skill_detector is not None
+        try:
+            await self.skill_detector.index([(k.name, k.description) for k in self.skills.skills])
+        except (TiermemError, ValueError) as exc:
+            log.error("skill detector not indexed (%s); it picks nothing until it is", exc)
+
+    def refresh_prefixes(self) -> None:
+        """Each agent's stable prefix, from what it is made of now: its system
+        prompt, the tool list, the skills catalog, the output rules. A changed one
+        is a new version for new sessions (live ones keep theirs until they
+        compact), and is prewarmed at once."""
+        assert self.tooling is not None
+        context, agents = self.context, self.agents
+        # agents__ask once there is someone to ask (its schema lists the agents);
+        # skills__load and skills__read once there are skills.
+        others = [(a.name, a.description) for a in agents.profiles.values()]
+        registry = self.tooling.registry
+        handler, registry.on_change = registry.on_change, None  # one refresh, not several
+        try:
+            registry.set_builtin(AGENTS_ASK, agents_ask_spec(others) if len(others) > 1 else None)
+            for name, spec in SKILL_TOOLS.items():
+                registry.set_builtin(name, spec if self.skills.skills else None)
+        finally:
+            registry.on_change = handler
+        tools = registry.current.definitions
+        context.default_agent = agents.default
+        for agent in agents.profiles.values():
+            system = self.base_prefix.system_prompt if agent.name == DEFAULT_AGENT and \
+                agents.path is None else agent.system_prompt  # fmt: skip
+            catalog = tuple(
+                sk.catalog_line() for sk in self.skills.skills
+                if agent.skills is None or sk.name in agent.skills
+            )  # fmt: skip
+            prefix = replace(self.base_prefix, system_prompt=system, tools=tools,
+                             skills=(*self.base_prefix.skills, *catalog))  # fmt: skip
+            context.use_prefix(prefix, agent=agent.name)
+        for name in context.agent_names():
+            if name not in agents.profiles:
+                context.drop_agent(name)
+        if self.prewarmer is not None:
+            self.prewarmer.poke()
+
+    async def _start_prewarm(self, context: ContextBuilder) -> None:
+        """Every replica gets the stable prefix before the first turn (up to
+        ``TIERMEM_PREWARM_START_WAIT_S``), then new replicas and new prefixes as
+        they come (graph/prewarm.py). Not for the development LLM: no cache."""
+        s = self.settings
+        warm = getattr(self.llm, "warm", None)
+        if not s.prewarm or warm is None:
+            return
+
+        def prefixes() -> list[PrefixRequest]:
+            return cast("list[PrefixRequest]", context.prefix_requests())
+
+        self.prewarmer = Prewarmer(
+            cast("Warmable", self.llm), prefixes, self.metrics,
+            check_s=s.prewarm_check_s,
+        )  # fmt: skip
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.prewarmer.warm_now(), timeout=s.prewarm_start_wait_s)
+        self._background.append(asyncio.create_task(self.prewarmer.run(), name="prewarm"))
+
     async def _start_tools(self, stack: AsyncExitStack) -> Tooling:
         """The tool registry, with the tools of the configured MCP servers
         (``TIERMEM_MCP_CONFIG``): their connections open now and stay open; a
@@ -238,10 +387,12 @@ class Services:
         s = self.settings
         if s.mcp_config is not None:
             configs = load_mcp_config(s.mcp_config)
-            if any(c.name == MEMORY_SERVER for c in configs):
+            taken = [c.name for c in configs if c.name in RESERVED_SERVERS]
+            if taken:
                 raise MCPConfigError(
-                    f"{s.mcp_config}: the server name {MEMORY_SERVER!r} is tiermem's own "
-                    f"({MEMORY_SEARCH}); name the server otherwise"
+                    f"{s.mcp_config}: the server name {taken[0]!r} is tiermem's own (its "
+                    f"built-in tools are {', '.join(sorted(RESERVED_SERVERS))}__*); name the "
+                    "server otherwise"
                 )
             self.mcp = MCPConnections(configs, on_tools_changed=self._on_tools_changed)
             stack.push_async_callback(self.mcp.aclose)

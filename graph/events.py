@@ -8,7 +8,8 @@ JSON object the client reads.
 The order of one turn: ``meta``, then ``memory`` (when long-term memory was used),
 then per LLM step ``token``... and, when the step calls tools, a ``tool_call``
 per call and a ``tool_result`` per call (in call order once the step's calls are
-done), then ``done`` or ``error``. ``skill`` will sit among them once skills exist.
+done), then ``done`` or ``error``. ``skill`` follows the ``tool_result`` of a
+``skills__load`` call, or comes before the first token when the detector picked it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Meta:
     # What answers the turn (the LLM client's name; the embedded engine's includes
     # its model), so a client can tell a real model from the development one.
     model: str | None = None
+    # The agent profile that answers (graph/agents.py).
+    agent: str | None = None
 
     def data(self) -> dict[str, Any]:
         d: dict[str, Any] = {"turn_id": self.turn_id, "session_id": self.session_id,
@@ -40,6 +43,8 @@ class Meta:
             d["dev_llm"] = self.dev_llm
             if self.model is not None:
                 d["model"] = self.model
+            if self.agent is not None:
+                d["agent"] = self.agent
         return d
 
 
@@ -101,6 +106,21 @@ class ToolResult:
 
 
 @dataclass(frozen=True, slots=True)
+class SkillUsed:
+    """A skill's body entered the turn: loaded by the model (``how: "tool"``,
+    after its ``tool_result``) or picked by the detector before the LLM call
+    (``"detected"``, before the first token)."""
+
+    name: ClassVar[str] = "skill"
+    skill: str
+    version: str
+    how: str
+
+    def data(self) -> dict[str, Any]:
+        return {"name": self.skill, "version": self.version, "how": self.how}
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     """The turn is stored (or was already: ``status`` ``duplicate``, or a replay)."""
 
@@ -147,6 +167,7 @@ class Error:
                 "retryable": self.retryable, **self.turn}  # fmt: skip
 
 
-TurnEvent = Meta | Token | Memory | ToolCalled | ToolResult | Done | Error
+TurnEvent = Meta | Token | Memory | ToolCalled | ToolResult | SkillUsed | Done | Error
 
-__all__ = ["Done", "Error", "Memory", "Meta", "Token", "ToolCalled", "ToolResult", "TurnEvent"]
+__all__ = ["Done", "Error", "Memory", "Meta", "SkillUsed", "Token", "ToolCalled", "ToolResult",
+           "TurnEvent"]  # fmt: skip

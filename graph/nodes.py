@@ -34,18 +34,20 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
+from graph.agents import AgentProfile, Agents
 from graph.checkpointer import RedisCheckpointSaver
-from graph.events import Done, Error, Memory, Meta, Token, ToolCalled, ToolResult
+from graph.events import Done, Error, Memory, Meta, SkillUsed, Token, ToolCalled, ToolResult
 from graph.guard import check_message, needs_memory
 from graph.reply import ReplyOutcome, ReplyStream
 from graph.state import PER_TURN_RESET, TurnContext, TurnState
-from graph.tools import Tooling, ToolOutcome, tool_message
+from graph.tools import Tooling, ToolOutcome, skill_block, tool_message
 from infra.errors import TiermemError
 from infra.llm import ChatMessage, LLMClient, ToolCall, assistant_message
 from infra.settings import Settings
@@ -56,6 +58,7 @@ from memory.l3_store import L3Store, batch_id_for, memory_hit_json
 from memory.metrics import Metrics
 from memory.models import Message, SessionState, Turn
 from memory.sessions import Sessions, StorageUnavailable, retryable_in_place
+from memory.skill_detector import SkillDetector
 
 log = logging.getLogger("tiermem.turn")
 
@@ -74,6 +77,12 @@ class TurnDeps:
     metrics: Metrics
     checkpointer: RedisCheckpointSaver
     tools: Tooling
+    agents: Agents
+    # Runs a turn of another agent for agents__ask: (the asking turn's state,
+    # agent, question) -> (answer, child session id). Set by the app.
+    ask_agent: Callable[[TurnState, str, str], Awaitable[tuple[str, str]]] | None = None
+    # Picks skills whose bodies join the turn before the LLM call (None: off).
+    skill_detector: SkillDetector | None = None
 
 
 def _since(t0: float) -> float:
@@ -94,6 +103,7 @@ class TurnNodes:
         check_message(state["message"], d.settings.max_message_chars)
         opened = await d.sessions.open(tenant, session_id, state["user_id"])
         session = ctx.run.session = opened.session
+        agent = ctx.run.agent = await _agent_of(d, session, state)
         retry_of: int | None = None
         if state.get("client_turn_id"):
             stored = await d.sessions.stored_turn(tenant, session_id, state["turn_id"])
@@ -113,22 +123,24 @@ class TurnNodes:
             records = []
         turn = retry_of or session.turn_count + 1
         ctx.control.emit(Meta(state["turn_id"], session_id, turn, opened.l1_hit, d.llm.is_dev,
-                              model=d.llm.name))  # fmt: skip
+                              model=d.llm.name, agent=agent.name))  # fmt: skip
         resumed = await _resume(ctx, state, records) if records else _Resumed()
+        skills_block = await _detected_skills(ctx, state["message"], session, agent)
         need = needs_memory(state["message"], state.get("retrieve", "auto"))
         update: TurnState = {**PER_TURN_RESET, "turn": turn, "l1_hit": opened.l1_hit,
                              "retry_of": retry_of, "need_memory": need,
                              "messages": [{"role": "user", "content": state["message"]},
                                           *resumed.messages],
-                             "step": resumed.steps, "tool_calls": resumed.log}  # fmt: skip
+                             "step": resumed.steps, "tool_calls": resumed.log,
+                             "agent": agent.name, "skills_block": skills_block}  # fmt: skip
         if need:
             update["timings"] = {"prepare": _since(t0)}
             return Command(update=update, goto="retrieve")
         # Nothing to retrieve: the prompt is known now, so the request goes out
         # now, before LangGraph's next step.
         load_s = _since(t0)
-        plan_s = await _start_reply(ctx, state, session, None, retry_of, resumed.messages,
-                                    resumed.steps + 1)  # fmt: skip
+        plan_s = await _start_reply(ctx, state, session, skills_block, retry_of,
+                                    resumed.messages, resumed.steps + 1)  # fmt: skip
         update["timings"] = {"prepare": load_s, "plan": plan_s}
         return Command(update=update, goto="agent")
 
@@ -183,7 +195,7 @@ class TurnNodes:
         if run.reply is None:
             assert run.session is not None
             timings["plan"] = await _start_reply(
-                ctx, state, run.session, state.get("memory_block"), state.get("retry_of"),
+                ctx, state, run.session, _turn_block(state), state.get("retry_of"),
                 messages[1:], step,
             )  # fmt: skip
         assert run.reply is not None and run.plan is not None
@@ -231,6 +243,11 @@ class TurnNodes:
         async def search(query: str, k: int) -> list[dict[str, Any]]:
             return [memory_hit_json(h) for h in await d.l3.search(tenant, user, query, k)]
 
+        async def ask(agent: str, question: str) -> tuple[str, str]:
+            if d.ask_agent is None:
+                raise ValueError("agents__ask is not available here")
+            return await d.ask_agent(state, agent, question)
+
         try:
             if side_effects:
                 # Before anything runs: a crash from here on leaves a trace, and
@@ -238,8 +255,11 @@ class TurnNodes:
                 intent = {"step": step, "assistant": assistant}
                 await d.sessions.record_tool_step(tenant, session_id, turn_id, intent)
             t_run = time.perf_counter()
-            outcomes = await d.tools.executor.run(calls, toolset, tenant=tenant,
-                                                  memory_search=search)  # fmt: skip
+            outcomes = await d.tools.executor.run(
+                calls, toolset, tenant=tenant, memory_search=search,
+                mask=run.agent.tools if run.agent else None, ask=ask,
+                skills_allowed=run.agent.skills if run.agent else None,
+            )  # fmt: skip
             run_s = _since(t_run)
             results = [tool_message(o) for o in outcomes]
             await d.sessions.record_tool_step(
@@ -317,7 +337,7 @@ class TurnNodes:
         steps = messages[1:-1] if plain else messages[1:]
         turn = Turn(
             index=0, turn_id=state["turn_id"], messages=messages, status=status,
-            memories=state.get("memory_block"), created_at=time.time(), usage=usage,
+            memories=_turn_block(state), created_at=time.time(), usage=usage,
             memory_hits=state.get("memories") or None,
         )  # fmt: skip
         await d.context.turn_tokens_async(turn)  # stored with the turn: no recount on reload
@@ -335,6 +355,7 @@ class TurnNodes:
         committed = await d.sessions.commit(
             session, turn, user_id=state["user_id"],
             prefix_version=plan.meta_updates["prefix_version"], compaction=plan.compaction,
+            agent=run.agent.name if run.agent else "",
             retry_of=state.get("retry_of"),
             rendered=d.context.after_reply(plan, reply, steps) if status != "failed" else None,
             checkpoint_for=checkpoint_for, l1_hit=bool(state.get("l1_hit")),
@@ -402,8 +423,10 @@ async def _start_reply(
     any ``steps`` a retried turn resumes); returns the planning time."""
     t0 = time.perf_counter()
     d = ctx.deps
+    agent = ctx.run.agent
     plan = await d.context.plan_async(session, state["message"], memory_block,
-                                      exclude_turn=retry_of)  # fmt: skip
+                                      exclude_turn=retry_of,
+                                      agent=agent.name if agent else None)  # fmt: skip
     ctx.run.plan = plan
     ctx.run.toolset = d.tools.toolset_for(plan.tools)
     plan_s = _since(t0)
@@ -419,16 +442,85 @@ async def _send(ctx: TurnContext, state: TurnState, steps: list[Message], reques
     run = ctx.run
     plan, toolset = run.plan, run.toolset
     assert plan is not None and toolset is not None
-    choice = d.tools.policy.choice(state["tenant"], toolset,
-                                   last_step=request_no >= d.tools.max_steps)  # fmt: skip
+    agent = run.agent
+    last = request_no >= d.tools.max_steps
+    mask = agent.tools if agent else None
+    choice = d.tools.policy.choice(state["tenant"], toolset, last_step=last, mask=mask)
     messages = cast("list[ChatMessage]", [*plan.messages, *steps])
     run.reply = reply = ReplyStream(
         d.llm, messages, session_key=f"{state['tenant']}:{state['session_id']}",
         control=ctx.control, metrics=d.metrics, started=ctx.started,
         tools=plan.tools, tool_choice=choice, first_step=run.requests == 0,
+        max_tokens=agent.max_tokens if agent else None,
+        temperature=agent.temperature if agent else None,
     )  # fmt: skip
     run.requests += 1
     await reply.start()
+
+
+def _turn_block(state: TurnState) -> str | None:
+    """What joins the turn's user message: detected skills' bodies, then the
+    retrieved memories (stored with the turn, so it renders the same later)."""
+    parts = [b for b in (state.get("skills_block"), state.get("memory_block")) if b]
+    return "\n\n".join(parts) if parts else None
+
+
+def _skills_in_context(session: SessionState) -> set[str]:
+    """Skills whose bodies the live context holds already (detected or loaded)."""
+    names: set[str] = set()
+    for turn in session.turns:
+        texts = [turn.memories or ""]
+        texts += [str(m.get("content") or "") for m in turn.messages if m.get("role") == "tool"]
+        for text in texts:
+            start = 0
+            while (i := text.find('<skill name="', start)) >= 0:
+                j = text.find('"', i + 13)
+                if j < 0:
+                    break
+                names.add(text[i + 13 : j])
+                start = j
+    return names
+
+
+async def _detected_skills(
+    ctx: TurnContext, message: str, session: SessionState, agent: AgentProfile
+) -> str | None:
+    """The bodies of the skills the detector picks for ``message`` (not those the
+    live context has, nor those the agent lacks), as one block; a ``skill``
+    event each. A detector that fails or is slow skips it (a bonus, like memory)."""
+    d = ctx.deps
+    registry = d.tools.skills
+    if d.skill_detector is None or registry is None or not registry.skills:
+        return None
+    exclude = _skills_in_context(session)
+    if agent.skills is not None:
+        exclude |= {s.name for s in registry.skills if s.name not in agent.skills}
+    try:
+        found = await asyncio.wait_for(d.skill_detector.detect(message, exclude=exclude),
+                                       timeout=d.settings.retrieve_timeout_s)  # fmt: skip
+    except (TimeoutError, TiermemError, ValueError) as exc:
+        log.warning("skill detection skipped (%s)", getattr(exc, "code", None) or exc or "timeout")
+        d.metrics.errors.labels("skill_detect").inc()
+        return None
+    blocks = []
+    for detection in found:
+        skill = registry.get(detection.name)
+        if skill is None:
+            continue
+        blocks.append(skill_block(skill.name, skill.version, skill.body))
+        ctx.control.emit(SkillUsed(skill.name, skill.version, "detected"))
+    return "\n\n".join(blocks) if blocks else None
+
+
+async def _agent_of(d: TurnDeps, session: SessionState, state: TurnState) -> AgentProfile:
+    """The session's agent; on its first turn, the one asked for (a name, or
+    "auto": the nearest description to the message), else the default."""
+    if session.agent or session.turn_count:
+        return d.agents.get(session.agent)
+    asked = state.get("agent") or ""
+    if asked == "auto":
+        return d.agents.get(await d.agents.route(state["message"], d.l3.embedder.embed))
+    return d.agents.get(asked)
 
 
 def _call_of(entry: dict[str, Any]) -> ToolCall:
@@ -451,7 +543,12 @@ def _emit_results(ctx: TurnContext, outcomes: list[ToolOutcome]) -> list[dict[st
         content = o.content
         ctx.control.emit(ToolResult(o.call.id, o.call.name, o.ok, content[:cap],
                                     truncated=len(content) > cap))  # fmt: skip
-        entries.append({"id": o.call.id, "name": o.call.name, "ok": o.ok})
+        if o.ok and o.skill is not None:
+            ctx.control.emit(SkillUsed(o.skill[0], o.skill[1], "tool"))
+        entry: dict[str, Any] = {"id": o.call.id, "name": o.call.name, "ok": o.ok}
+        if o.session is not None:
+            entry["session"] = o.session  # agents__ask: the child session of the answer
+        entries.append(entry)
     return entries
 
 

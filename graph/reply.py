@@ -59,6 +59,8 @@ class ReplyStream:
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: ToolChoice | None = None,
         first_step: bool = True,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
     ) -> None:
         """``started`` is when the turn's request arrived; only the first step
         of a turn (``first_step``) is its time to first token."""
@@ -67,6 +69,8 @@ class ReplyStream:
         self._tools = tools or None
         self._tool_choice = tool_choice if tools else None
         self._first_step = first_step
+        self._max_tokens = max_tokens
+        self._temperature = temperature
         self._session_key = session_key
         self._control = control
         self._metrics = metrics
@@ -89,7 +93,8 @@ class ReplyStream:
         pieces = self._pieces
         stream = self._llm.stream_chat(
             self._messages, session_key=self._session_key, tools=self._tools,
-            tool_choice=self._tool_choice,
+            tool_choice=self._tool_choice, max_tokens=self._max_tokens,
+            temperature=self._temperature,
         )  # fmt: skip
         try:
             async for ev in stream:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict
 from graph.events import TurnEvent
 
 if TYPE_CHECKING:
+    from graph.agents import AgentProfile
     from graph.nodes import TurnDeps
     from graph.reply import ReplyStream
     from graph.tools import ToolSet
@@ -66,11 +67,17 @@ class TurnInput:
     retrieve: RetrieveMode = "auto"
     # The client chose turn_id (a retry may follow): look for a stored turn first.
     client_turn_id: bool = False
+    # The agent the client asks for (a name, or "auto"); only a session's first
+    # turn chooses it (graph/agents.py).
+    agent: str | None = None
+    # How deep in agents__ask this turn runs (0: a client's own turn).
+    depth: int = 0
 
     def state(self) -> TurnState:
         return {"tenant": self.tenant, "session_id": self.session_id, "user_id": self.user_id,
                 "message": self.message, "turn_id": self.turn_id, "retrieve": self.retrieve,
-                "client_turn_id": self.client_turn_id}  # fmt: skip
+                "client_turn_id": self.client_turn_id, "agent": self.agent or "",
+                "depth": self.depth}  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -84,6 +91,8 @@ class TurnRun:
     toolset: ToolSet | None = None
     # LLM requests this run sent (the first one's first token is the TTFT).
     requests: int = 0
+    # The agent that answers (its profile: prompt, tool mask, generation settings).
+    agent: AgentProfile | None = None
 
     async def aclose(self) -> None:
         """Ends what is still running when the graph stops early (an error)."""
@@ -116,6 +125,8 @@ class TurnState(TypedDict, total=False):
     turn_id: str
     retrieve: RetrieveMode
     client_turn_id: bool
+    agent: str  # asked for on input ("" none, "auto", a name); the session's from prepare on
+    depth: int
     # --- prepare ---
     turn: int  # the index this turn gets (or retries in place)
     l1_hit: bool
@@ -125,6 +136,8 @@ class TurnState(TypedDict, total=False):
     # --- retrieve ---
     memories: list[dict[str, Any]]  # hits: batch_id, session_id, turns, text, score
     memory_block: str | None
+    # --- prepare: the detected skills' bodies (graph/nodes.py) ---
+    skills_block: str | None
     # --- agent <-> tools ---
     # This turn's messages, OpenAI format: the user's, then per LLM step the
     # assistant's (with its tool_calls) and the tool results.
@@ -160,7 +173,7 @@ class TurnOutput(TypedDict, total=False):
 # checkpoint carries the previous turn's values until prepare resets them.
 PER_TURN_RESET: TurnState = {
     "turn": 0, "l1_hit": False, "replayed": False, "retry_of": None, "need_memory": False,
-    "memories": [], "memory_block": None, "messages": [], "step": 0, "llm_steps": [],
-    "tool_calls": [], "status": "complete",
+    "memories": [], "memory_block": None, "skills_block": None, "messages": [], "step": 0,
+    "llm_steps": [], "tool_calls": [], "status": "complete",
     "error": None, "usage": {}, "version": 0, "archive_batch": None,
 }  # fmt: skip

@@ -39,7 +39,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -48,12 +48,17 @@ from infra.llm import InvalidToolArguments, ToolCall, ToolChoice, named_tool_cho
 
 if TYPE_CHECKING:
     from infra.mcp import MCPConnections, MCPTool
+    from memory.skills import SkillRegistry
 
 log = logging.getLogger("tiermem.tools")
 
 SEPARATOR = "__"
 MEMORY_SERVER = "memory"
 MEMORY_SEARCH = f"{MEMORY_SERVER}{SEPARATOR}search"
+AGENTS_SERVER = "agents"
+AGENTS_ASK = f"{AGENTS_SERVER}{SEPARATOR}ask"
+# Names MCP servers may not take: tiermem's own tools use them.
+RESERVED_SERVERS = frozenset({MEMORY_SERVER, AGENTS_SERVER, "skills"})
 # ToolSets kept by version: a live session may still use an older one (a new set
 # is a deliberate, rare event, so a few suffice).
 TOOLSETS_KEPT = 16
@@ -118,6 +123,71 @@ MEMORY_SEARCH_SPEC = ToolSpec(
 )
 
 
+def agents_ask_spec(agents: Sequence[tuple[str, str]]) -> ToolSpec:
+    """``agents__ask``: a turn of another agent, its answer as the result. Its
+    schema names the agents (so the list is part of the tools, and the prefix).
+    Not read-only: the other agent's turn is stored in its own session."""
+    names = [name for name, _ in agents]
+    listing = "; ".join(f"{name}: {description}" for name, description in agents)
+    return ToolSpec(
+        name=AGENTS_ASK,
+        description=f"Ask another agent a question and get its answer. Agents: {listing}",
+        parameters={
+            "type": "object",
+            "properties": {
+                "agent": {"type": "string", "enum": names},
+                "question": {"type": "string", "description": "what to ask, self-contained"},
+            },
+            "required": ["agent", "question"],
+        },
+        server=AGENTS_SERVER,
+        tool="ask",
+    )
+
+
+SKILLS_SERVER = "skills"
+SKILLS_LOAD = f"{SKILLS_SERVER}{SEPARATOR}load"
+SKILLS_READ = f"{SKILLS_SERVER}{SEPARATOR}read"
+SKILL_TOOLS: dict[str, ToolSpec] = {
+    SKILLS_LOAD: ToolSpec(
+        name=SKILLS_LOAD,
+        description=(
+            "Load the full instructions of one of the skills listed under # Skills, "
+            "when the task needs it. Returns the skill's instructions."
+        ),
+        parameters={
+            "type": "object",
+            "properties": {"name": {"type": "string"}},
+            "required": ["name"],
+        },
+        server=SKILLS_SERVER,
+        tool="load",
+        read_only=True,
+    ),
+    SKILLS_READ: ToolSpec(
+        name=SKILLS_READ,
+        description=(
+            "Read a file a loaded skill refers to (a path relative to the skill's folder, "
+            "such as references/guide.md)."
+        ),
+        parameters={
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "path": {"type": "string"}},
+            "required": ["name", "path"],
+        },
+        server=SKILLS_SERVER,
+        tool="read",
+        read_only=True,
+    ),
+}
+
+
+def skill_block(name: str, version: str, body: str) -> str:
+    """A skill's body as it enters the log (a tool result, or the detector's
+    block in the user message): framed, so the model sees where it ends."""
+    return f'<skill name="{name}" version="{version}">\n{body}\n</skill>'
+
+
 def _version_of(definitions: Sequence[Mapping[str, Any]]) -> str:
     text = json.dumps(list(definitions), separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -173,6 +243,7 @@ class ToolRegistry:
 
     def __init__(self, *, memory_tool: bool = True) -> None:
         self._builtin: tuple[ToolSpec, ...] = (MEMORY_SEARCH_SPEC,) if memory_tool else ()
+        self._extra: dict[str, ToolSpec] = {}
         self._servers: dict[str, tuple[ToolSpec, ...]] = {}
         self._sets: dict[str, ToolSet] = {}
         self.current = self._remember(ToolSet(self._builtin))
@@ -197,7 +268,23 @@ class ToolRegistry:
         if self._servers.get(server) == specs:
             return False
         self._servers[server] = specs
-        all_specs = [*self._builtin, *(s for ss in self._servers.values() for s in ss)]
+        return self._rebuild(server)
+
+    def set_builtin(self, name: str, spec: ToolSpec | None) -> bool:
+        """Adds, replaces or (None) removes a built-in tool such as agents__ask;
+        True when that made a new current set."""
+        if spec is None:
+            if self._extra.pop(name, None) is None:
+                return False
+        elif self._extra.get(name) == spec:
+            return False
+        else:
+            self._extra[name] = spec
+        return self._rebuild(name)
+
+    def _rebuild(self, server: str) -> bool:
+        all_specs = [*self._builtin, *self._extra.values(),
+                     *(s for ss in self._servers.values() for s in ss)]  # fmt: skip
         new = ToolSet(tuple(all_specs))
         if new.version == self.current.version:
             return False
@@ -216,19 +303,30 @@ class ToolPolicy:
     def __init__(self, allow: Mapping[str, Sequence[str]] | None = None) -> None:
         self._allow = {k: tuple(v) for k, v in (allow or {}).items()}
 
-    def allowed(self, tenant: str, name: str) -> bool:
+    def allowed(self, tenant: str, name: str, mask: Sequence[str] | None = None) -> bool:
+        """Whether the tenant's allowlist, and the agent's ``mask`` if any, let
+        ``name`` be called."""
+        if mask is not None and not any(fnmatch.fnmatchcase(name, p) for p in mask):
+            return False
         patterns = self._allow.get(tenant, self._allow.get("*"))
         if patterns is None:
             return True
         return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
-    def choice(self, tenant: str, toolset: ToolSet, *, last_step: bool) -> ToolChoice | None:
+    def choice(
+        self,
+        tenant: str,
+        toolset: ToolSet,
+        *,
+        last_step: bool,
+        mask: Sequence[str] | None = None,
+    ) -> ToolChoice | None:
         """The ``tool_choice`` of a request (None: no tools at all)."""
         if not toolset:
             return None
         if last_step:
             return "none"
-        allowed = [n for n in toolset.names if self.allowed(tenant, n)]
+        allowed = [n for n in toolset.names if self.allowed(tenant, n, mask)]
         if not allowed:
             return "none"
         return "auto"
@@ -251,10 +349,20 @@ class ToolOutcome:
     seconds: float = 0.0
     # Recorded before a crash, never completed: not run again (see graph/nodes.py).
     not_repeated: bool = False
+    # agents__ask: the child session the other agent's turn ran in.
+    session: str | None = None
+    # skills__load: (name, version) of the skill whose body this is.
+    skill: tuple[str, str] | None = None
 
 
 class MemorySearch(Protocol):
     async def __call__(self, query: str, k: int) -> list[dict[str, Any]]: ...
+
+
+class AskAgent(Protocol):
+    """A turn of ``agent``: (its answer, the child session it ran in)."""
+
+    async def __call__(self, agent: str, question: str) -> tuple[str, str]: ...
 
 
 # Special tokens and tags of chat templates a tool result could use to close its
@@ -309,6 +417,7 @@ class ToolExecutor:
         self.policy = policy
         self.timeout_s = timeout_s
         self.max_chars = max_chars
+        self.skills: SkillRegistry | None = None
 
     async def run(
         self,
@@ -317,24 +426,45 @@ class ToolExecutor:
         *,
         tenant: str,
         memory_search: MemorySearch,
+        mask: Sequence[str] | None = None,
+        ask: AskAgent | None = None,
+        skills_allowed: Collection[str] | None = None,
     ) -> list[ToolOutcome]:
         return list(
-            await asyncio.gather(*(self._one(c, toolset, tenant, memory_search) for c in calls))
+            await asyncio.gather(
+                *(
+                    self._one(c, toolset, tenant, memory_search, mask, ask, skills_allowed)
+                    for c in calls
+                )
+            )
         )
 
     async def _one(
-        self, call: ToolCall, toolset: ToolSet, tenant: str, memory_search: MemorySearch
+        self,
+        call: ToolCall,
+        toolset: ToolSet,
+        tenant: str,
+        memory_search: MemorySearch,
+        mask: Sequence[str] | None,
+        ask: AskAgent | None,
+        skills_allowed: Collection[str] | None = None,
     ) -> ToolOutcome:
         t0 = time.perf_counter()
         spec = toolset.get(call.name)
         if spec is None:
             return ToolOutcome(call, False, f"there is no tool named {call.name!r}")
-        if not self.policy.allowed(tenant, call.name):
+        if not self.policy.allowed(tenant, call.name, mask):
             return ToolOutcome(call, False, f"tool {call.name!r} is not available here")
         try:
             arguments = call.parsed_arguments()
         except InvalidToolArguments as exc:
             return ToolOutcome(call, False, f"the arguments are not a JSON object: {exc}")
+        if spec.server == SKILLS_SERVER:
+            return await self._skill(call, spec, arguments, skills_allowed, t0)
+        if spec.server == AGENTS_SERVER:
+            # Another agent's whole turn: its own steps and deadlines bound it,
+            # not one tool call's.
+            return await _ask_agent(call, arguments, ask, self.max_chars, t0)
         try:
             ok, text = await asyncio.wait_for(
                 self._dispatch(spec, arguments, memory_search), timeout=self.timeout_s
@@ -349,6 +479,36 @@ class ToolExecutor:
         return ToolOutcome(call, ok, cap(as_data(text), self.max_chars),
                            time.perf_counter() - t0)  # fmt: skip
 
+    async def _skill(
+        self,
+        call: ToolCall,
+        spec: ToolSpec,
+        arguments: dict[str, Any],
+        allowed: Collection[str] | None,
+        t0: float,
+    ) -> ToolOutcome:
+        """skills__load: the body (the operator's own text: not cut, not escaped);
+        skills__read: a file of the skill's folder, as data."""
+        name = arguments.get("name")
+        skill = self.skills.get(name) if self.skills and isinstance(name, str) else None
+        if skill is None or (allowed is not None and skill.name not in allowed):
+            return ToolOutcome(call, False, f"there is no skill named {name!r} here")
+        if spec.tool == "load":
+            body = skill_block(skill.name, skill.version, skill.body)
+            seconds = time.perf_counter() - t0
+            return ToolOutcome(call, True, body, seconds, skill=(skill.name, skill.version))
+        path = arguments.get("path")
+        if not isinstance(path, str) or not path:
+            return ToolOutcome(call, False, "skills__read needs a string 'path'")
+        assert self.skills is not None
+        try:
+            text = await asyncio.to_thread(
+                self.skills.read_file, skill.name, path, max_chars=self.max_chars
+            )
+        except ValueError as exc:  # SkillError: outside the folder, missing, binary
+            return ToolOutcome(call, False, str(exc))
+        return ToolOutcome(call, True, as_data(text), time.perf_counter() - t0)
+
     async def _dispatch(
         self, spec: ToolSpec, arguments: dict[str, Any], memory_search: MemorySearch
     ) -> tuple[bool, str]:
@@ -362,6 +522,22 @@ class ToolExecutor:
         # The MCP layer's own deadline is the executor's: one clock per call.
         result = await self.mcp.call(spec.server, spec.tool, arguments, timeout_s=self.timeout_s)
         return result.ok, result.content
+
+
+async def _ask_agent(
+    call: ToolCall, arguments: dict[str, Any], ask: AskAgent | None, max_chars: int, t0: float
+) -> ToolOutcome:
+    agent, question = arguments.get("agent"), arguments.get("question")
+    if not isinstance(agent, str) or not isinstance(question, str) or not question.strip():
+        return ToolOutcome(call, False, "agents__ask needs string 'agent' and 'question'")
+    if ask is None:
+        return ToolOutcome(call, False, "agents__ask is not available here")
+    try:
+        answer, session = await ask(agent, question[:4000])
+    except (TiermemError, ValueError) as exc:
+        return ToolOutcome(call, False, f"agents__ask failed: {getattr(exc, 'message', exc)}")
+    return ToolOutcome(call, True, cap(as_data(answer), max_chars), time.perf_counter() - t0,
+                       session=session)  # fmt: skip
 
 
 async def _memory_search(arguments: dict[str, Any], search: MemorySearch) -> tuple[bool, str]:
@@ -390,6 +566,14 @@ class Tooling:
     executor: ToolExecutor
     max_steps: int = 8
     event_max_chars: int = 2000
+
+    @property
+    def skills(self) -> SkillRegistry | None:
+        return self.executor.skills
+
+    @skills.setter
+    def skills(self, registry: SkillRegistry | None) -> None:
+        self.executor.skills = registry
 
     @classmethod
     def from_settings(cls, settings: Any, mcp: MCPConnections | None = None) -> Tooling:

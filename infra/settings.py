@@ -199,6 +199,28 @@ class Settings(BaseSettings):
         ]
     )
 
+    # --- Agent Skills (memory/skills.py): <dir>/<name>/SKILL.md; unset: no skills --
+    skills_dir: Path | None = None
+    # Skill bodies the detector may append to one turn (0: the detector is off).
+    skills_max_active: int = Field(default=2, ge=0, le=8)
+
+    # --- agent profiles (graph/agents.py) -----------------------------------------
+    # YAML or JSON: {"agents": [{"name", "description", "system_prompt", "tools",
+    # "skills", "temperature", "max_tokens"}], "default": "<name>"}. Unset: one
+    # agent, "default", with TIERMEM_SYSTEM_PROMPT.
+    agents_file: Path | None = None
+    # How deep agents__ask may nest (an agent asking an agent asking ...).
+    agent_max_depth: int = Field(default=2, ge=0, le=8)
+    # How often the agents file and the skills folder are checked for changes.
+    config_reload_s: float = Field(default=5.0, gt=0)
+
+    # --- prewarming (graph/prewarm.py) ------------------------------------------
+    # Send each stable prefix to every LLM replica ahead of sessions (max_tokens 1).
+    prewarm: bool = True
+    # How often new replicas are looked for; how long start waits for the first round.
+    prewarm_check_s: float = Field(default=5.0, gt=0)
+    prewarm_start_wait_s: float = Field(default=15.0, ge=0)
+
     # --- L1 -----------------------------------------------------------------------
     l1_max_sessions: int = Field(default=10_000, ge=1)
     l1_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)

@@ -46,6 +46,8 @@ INLINE_TOKENIZE_CHARS = 8192
 # Summaries whose token count is kept (a few KB each at most).
 SUMMARY_COUNTS_KEPT = 1024
 
+# The agent a builder's own prefix belongs to (graph/agents.py names agents).
+DEFAULT_AGENT = "default"
 BREAK_REASONS = ("system", "tools", "memory", "compaction", "history_rewrite", "route_change")
 # Stable prefixes by version (its system message and its tools), of every builder
 # this process made (a few at most: a new prefix is a deliberate event), so a
@@ -246,6 +248,10 @@ class ContextBuilder:
         # of the budget (about four characters a token).
         self.max_note_chars = budget_tokens * 4 // 10
         self._prefixes: dict[str, _PrefixInfo] = {}
+        # The prefix new sessions get, per agent (graph/agents.py): versions. The
+        # builder's own ``prefix`` is the default agent's.
+        self.default_agent = DEFAULT_AGENT
+        self._current: dict[str, str] = {}
         self.use_prefix(prefix)
         self._gen_tokens = self.tokenizer.count(render_chat([], add_generation_prompt=True))
         # Token counts of summaries, by their whole text (no key can collide):
@@ -253,9 +259,10 @@ class ContextBuilder:
         # needs its count.
         self._summary_count = lru_cache(maxsize=SUMMARY_COUNTS_KEPT)(self._count_summary)
 
-    def use_prefix(self, prefix: StablePrefix) -> None:
-        """Makes ``prefix`` the one new sessions get (a new tool list, a new
-        skill). Sessions that have one keep theirs until they next compact."""
+    def use_prefix(self, prefix: StablePrefix, agent: str | None = None) -> None:
+        """Makes ``prefix`` the one new sessions of ``agent`` (default: the
+        default agent) get: a new tool list, a new skill, an edited agent.
+        Sessions that have one keep theirs until they next compact."""
         message: Message = {"role": "system", "content": prefix.render()}
         tokens = self.tokenizer.count(render_prompt([message], prefix.tools, False))
         info = _PrefixInfo(prefix, message, tokens)
@@ -263,21 +270,57 @@ class ContextBuilder:
             table.pop(prefix.version, None)
         self._prefixes[prefix.version] = info
         _prefix_messages[prefix.version] = (message, prefix.tools)
+        agent = agent or self.default_agent
+        self._current[agent] = prefix.version
+        kept = set(self._current.values())
         for table in (self._prefixes, _prefix_messages):
-            while len(table) > PREFIXES_KEPT:
-                del table[next(iter(table))]
-        self.prefix = prefix
-        self._prefix_message = message
-        self._prefix_tokens = tokens
+            # The oldest go first, never a current one.
+            for version in list(table):
+                if len(table) <= PREFIXES_KEPT:
+                    break
+                if version not in kept:
+                    del table[version]
+        if agent == self.default_agent:
+            self.prefix = prefix
+            self._prefix_message = message
+            self._prefix_tokens = tokens
 
-    def _prefix_of(self, state: SessionState) -> _PrefixInfo:
+    def drop_agent(self, agent: str) -> None:
+        """An agent that no longer exists: its sessions go to the default's prefix
+        at their next compaction."""
+        if agent != self.default_agent:
+            self._current.pop(agent, None)
+
+    def prefix_requests(self) -> list[tuple[str, list[Message], tuple[dict[str, Any], ...]]]:
+        """What warms the current prefixes (one per agent) on an LLM replica: each
+        version, its system message and its tools, exactly as requests send them."""
+        out = []
+        for version in dict.fromkeys(self._current.values()):
+            info = self._prefixes[version]
+            out.append((version, [info.message], info.prefix.tools))
+        return out
+
+    def agent_names(self) -> list[str]:
+        """The agents that have a current prefix here."""
+        return list(self._current)
+
+    def current_version(self, agent: str | None = None) -> str:
+        return self._current_info(agent).prefix.version
+
+    def _current_info(self, agent: str | None) -> _PrefixInfo:
+        version = self._current.get(agent or self.default_agent)
+        if version is None:
+            version = self._current[self.default_agent]
+        return self._prefixes[version]
+
+    def _prefix_of(self, state: SessionState, agent: str | None) -> _PrefixInfo:
         """The prefix a session's next request is sent with: the one it has,
-        while this process knows it, else the current one."""
+        while this process knows it, else its agent's current one."""
         if state.prefix_version and state.turn_count:
             info = self._prefixes.get(state.prefix_version)
             if info is not None:
                 return info
-        return self._prefixes[self.prefix.version]
+        return self._current_info(agent)
 
     def _count_messages(self, messages: list[Message]) -> int:
         return sum(self.tokenizer.count(render_chat([m])) for m in messages)
@@ -346,6 +389,7 @@ class ContextBuilder:
         memories: str | None,
         *,
         exclude_turn: int | None = None,
+        agent: str | None = None,
     ) -> ContextPlan:
         """``plan``, on the CPU executor when it has a long text to tokenise: a
         long message, or turns loaded without their stored token count."""
@@ -353,11 +397,11 @@ class ContextBuilder:
             t.n_tokens < 0 for t in state.turns
         )
         if not heavy or self._executor is None:
-            return self.plan(state, message, memories, exclude_turn=exclude_turn)
+            return self.plan(state, message, memories, exclude_turn=exclude_turn, agent=agent)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._executor,
-            lambda: self.plan(state, message, memories, exclude_turn=exclude_turn),
+            lambda: self.plan(state, message, memories, exclude_turn=exclude_turn, agent=agent),
         )
 
     async def account_async(self, plan: ContextPlan) -> PrefixAccount:
@@ -384,15 +428,17 @@ class ContextBuilder:
         memories: str | None,
         *,
         exclude_turn: int | None = None,
+        agent: str | None = None,
     ) -> ContextPlan:
-        """The prompt for a new turn, compacting first if it would exceed the budget."""
+        """The prompt for a new turn of ``agent``'s session, compacting first if it
+        would exceed the budget."""
         turns = [t for t in state.turns if t.index != exclude_turn]
         new_user = user_content(message, memories)
         new_tokens = self.tokenizer.count(render_chat([{"role": "user", "content": new_user}]))
         summary = state.context_summary
         summary_tokens = self._summary_tokens(summary)
         turn_tokens = [self.turn_tokens(t) for t in turns]
-        info = self._prefix_of(state)
+        info = self._prefix_of(state, agent)
         total = info.tokens + summary_tokens + sum(turn_tokens) + new_tokens
         total += self._gen_tokens
         compaction: tuple[int, str] | None = None
@@ -404,7 +450,7 @@ class ContextBuilder:
             running_tokens = self._summary_tokens(state.summary)
             # Compaction rewrites the context anyway: the session moves to the
             # current prefix in the same step.
-            info = self._prefixes[self.prefix.version]
+            info = self._current_info(agent)
             fixed = info.tokens + new_tokens + self._gen_tokens + running_tokens
             remaining = sum(turn_tokens)
             drop = 0

@@ -73,8 +73,9 @@ class Turn:
     turn_id: str
     messages: list[Message]
     status: TurnStatus = "complete"
-    # The memory block retrieved for this turn, rendered exactly as it was sent:
-    # appended at the turn that used it, so earlier prompt tokens never move.
+    # The blocks joined to this turn's user message, rendered exactly as they
+    # were sent: the detected skills' bodies, then the retrieved memories;
+    # appended at the turn that used them, so earlier prompt tokens never move.
     memories: str | None = None
     created_at: float = 0.0
     usage: dict[str, Any] | None = None
@@ -184,6 +185,8 @@ class SessionState:
     summary: str = ""  # running summary of archived turns (set by archive)
     summary_upto: int = 0
     prefix_version: str = ""
+    # The agent profile that answers the session (graph/agents.py), fixed at turn 1.
+    agent: str = ""
     log_base: int = 1  # turn index of the first entry kept in the L2 list
     checkpoint_id: str = ""
     created_at: float = 0.0
@@ -224,6 +227,7 @@ class SessionState:
             "summary": self.summary,
             "summary_upto": str(self.summary_upto),
             "prefix_version": self.prefix_version,
+            "agent": self.agent,
             "log_base": str(self.log_base),
             "checkpoint_id": self.checkpoint_id,
             "created_at": repr(self.created_at),
@@ -267,6 +271,7 @@ class SessionState:
             summary=meta.get("summary", ""),
             summary_upto=i("summary_upto"),
             prefix_version=meta.get("prefix_version", ""),
+            agent=meta.get("agent", ""),
             log_base=i("log_base", 1),
             checkpoint_id=meta.get("checkpoint_id", ""),
             created_at=f("created_at"),

@@ -200,12 +200,15 @@ class Sessions:
         rendered: RenderedMark | None,
         checkpoint_for: CheckpointFor,
         l1_hit: bool = False,
+        agent: str = "",
     ) -> Committed:
         """Stores ``turn`` (appended, or in place of the failed turn ``retry_of``)
         and applies it to L1. ``rendered`` is the mark (length, digest) of the
         prompt + reply as sent, kept for the next turn's prefix accounting."""
         now = turn.created_at or time.time()
         meta = {"prefix_version": prefix_version, "updated_at": repr(now)}
+        if agent and agent != session.agent:
+            meta["agent"] = agent
         if compaction is not None:
             meta["context_start"] = str(compaction[0])
             meta["context_summary"] = compaction[1]
@@ -229,6 +232,7 @@ class Sessions:
         session.user_id = user_id
         session.updated_at = now
         session.prefix_version = prefix_version
+        session.agent = agent or session.agent
         if compaction is not None:
             session.context_start, session.context_summary = compaction
             session.turns = [t for t in session.turns if t.index >= session.context_start]

@@ -52,6 +52,12 @@ class TurnRequest(BaseModel):
         description="Client-chosen id; a retry with the same id is stored at most once",
     )
     retrieve: Literal["auto", "always", "never"] = "auto"
+    agent: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$",
+        description="The agent profile of a new session (a name, or 'auto'); "
+        "later turns are answered by the session's own",
+    )
 
 
 def _binding(tenant: str, session_id: str, nonce: str) -> str:
@@ -100,6 +106,8 @@ async def post_turn(
     if services.draining:
         raise ApiError(503, "draining", "this pod is shutting down; retry", {"Retry-After": "2"})
     check_message(body.message, services.settings.max_message_chars)
+    if body.agent not in (None, "auto") and body.agent not in services.agents.profiles:
+        raise ApiError(422, "unknown_agent", f"no agent {body.agent!r}; GET /v1/agents lists them")
     turn_id = body.turn_id
     if last_event_id:
         resumed = _turn_id_from_last_event(last_event_id)
@@ -125,6 +133,7 @@ async def post_turn(
         turn_id=turn_id or issue_turn_id(tenant, session_id),
         retrieve=body.retrieve,
         client_turn_id=turn_id is not None,
+        agent=body.agent,
     )
     # A session belongs to the user of its first turn: another user's turn is a
     # 409 session_user_mismatch here, before the stream starts (free on an L1
