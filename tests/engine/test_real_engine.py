@@ -28,7 +28,14 @@ import pytest
 
 from app.services import Services
 from infra.engine import EmbeddedEngine
-from infra.llm import ChatMessage, LLMClient, LLMResult, OpenAICompatibleLLM, ToolChoice
+from infra.llm import (
+    ChatMessage,
+    LLMClient,
+    LLMResult,
+    OpenAICompatibleLLM,
+    ToolChoice,
+    collect,
+)
 from infra.routing import RoundRobinRouter
 from infra.settings import Settings
 from memory.summaries import SUMMARY_PROMPT
@@ -343,3 +350,37 @@ async def test_a_tool_step_reuses_the_previous_request_on_the_real_engine(
           f"of {second.usage.prompt_tokens} prompt tokens (1st request: "
           f"{first.usage.prompt_tokens}, whole blocks {least})")  # fmt: skip
     assert (second.usage.cached_tokens or 0) >= least
+
+
+async def test_prewarm_makes_turn_one_a_cache_hit_on_the_real_engine(
+    engine: EmbeddedEngine,
+) -> None:
+    """Turn 1 of a session whose stable prefix was prewarmed, against one whose
+    prefix the engine has never seen: what was cached, and the time to first token."""
+    llm = OpenAICompatibleLLM(
+        [engine.url], model=engine.model_name, max_tokens=4, temperature=0.0,
+        first_token_timeout_s=300, read_timeout_s=120,
+    )  # fmt: skip
+    figures = {}
+    try:
+        for warm in (False, True):
+            # A prefix of its own each time (never sent before), as long as a real one.
+            system = f"[{uuid.uuid4().hex}] " + SYSTEM_PROMPT
+            prefix: list[ChatMessage] = [{"role": "system", "content": system}]
+            if warm:
+                await llm.warm(engine.url, prefix, tools=TOOL_DEFS)
+            messages: list[ChatMessage] = [*prefix, {"role": "user", "content": "Hello!"}]
+            events = llm.stream_chat(messages, session_key=f"pw-{warm}", tools=TOOL_DEFS)
+            _, done = await collect(events)
+            assert done is not None and done.usage is not None
+            figures[warm] = (done.usage.cached_tokens or 0, done.usage.prompt_tokens, done.ttft_ms)
+    finally:
+        await llm.aclose()
+    (cold_cached, prompt, cold_ttft), (warm_cached, warm_prompt, warm_ttft) = (
+        figures[False], figures[True],
+    )  # fmt: skip
+    print(f"\nturn 1 on the real engine: without prewarm cached {cold_cached}/{prompt} "
+          f"tokens, TTFT {cold_ttft:.0f} ms; with prewarm cached {warm_cached}/{warm_prompt}, "
+          f"TTFT {warm_ttft:.0f} ms")  # fmt: skip
+    assert cold_cached < BLOCK * 2  # only what other requests share (the chat markup)
+    assert warm_cached >= (warm_prompt - 40) // BLOCK * BLOCK - BLOCK
