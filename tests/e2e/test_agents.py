@@ -201,3 +201,29 @@ def test_a_broken_agents_file_says_what_is_wrong(tmp_path: Path) -> None:
         with pytest.raises(AgentsConfigError, match=rule) as info:
             load_agents(path)
         assert str(path) in str(info.value)
+
+
+async def test_a_chain_of_asks_stops_at_the_depth_bound(
+    tmp_path: Path, redis_url: str, fake_llm: FakeVLLM
+) -> None:
+    """support asks chef, whose question makes it ask support again: with a depth
+    bound of 1 the first ask runs, the nested one is refused inside the chef's turn."""
+    app = await start(tmp_path, redis_url, fake_llm, agent_max_depth=1)
+    try:
+        inner = {"agent": "support", "question": "And the refund?"}
+        outer = {"agent": "chef", "question": f"CALL agents__ask {json.dumps(inner)}"}
+        s = sid()
+        r = await turn(app, s, f"CALL agents__ask {json.dumps(outer)}", agent="support")
+        (result,) = [e.data for e in r.events if e.event == "tool_result"]
+        assert result["ok"] is True  # the chef answered, after its own ask was refused
+        async with httpx.AsyncClient() as client:
+            child = (await client.get(f"{app.url}/v1/sessions/{s}.chef/turns")).json()
+        (chef_turn,) = child["turns"]
+        (refused,) = [m for m in chef_turn["messages"] if m["role"] == "tool"]
+        assert "at most 1 deep" in refused["content"]
+        # No grandchild session was made.
+        async with httpx.AsyncClient() as client:
+            missing = await client.get(f"{app.url}/v1/sessions/{s}.chef.support")
+        assert missing.status_code == 404
+    finally:
+        await app.stop()
