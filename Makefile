@@ -66,7 +66,7 @@ serve: install
 	$(BIN)/tiermem serve
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20
 
 lint: install
 	$(BIN)/ruff check .

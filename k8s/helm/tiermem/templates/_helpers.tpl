@@ -127,3 +127,133 @@ with the reason.
 {{- fail "keda.minReplicaCount must not exceed keda.maxReplicaCount" }}
 {{- end }}
 {{- end }}
+
+{{/*
+A memory quantity plus a whole number of GiB: (dict "q" "24Gi" "add" 16 "what" "vllm.resources.requests.memory").
+Only whole Mi, Gi or Ti are added to (the chart does not parse every Kubernetes
+quantity); anything else fails with the field's name.
+*/}}
+{{- define "tiermem.addGiB" -}}
+{{- $q := toString .q }}
+{{- $add := int .add }}
+{{- if not (regexMatch "^[0-9]+(Mi|Gi|Ti)$" $q) }}
+{{- fail (printf "%s is %q: with vllm.kvOffload.enabled write it as a whole number of Mi, Gi or Ti, so that the chart can add vllm.kvOffload.cpuGiB to it" .what $q) }}
+{{- end }}
+{{- if hasSuffix "Mi" $q }}
+{{- $mi := add (int (trimSuffix "Mi" $q)) (mul $add 1024) }}
+{{- if eq (mod $mi 1024) 0 }}{{ printf "%dGi" (div $mi 1024) }}{{ else }}{{ printf "%dMi" $mi }}{{ end }}
+{{- else if hasSuffix "Ti" $q }}
+{{- printf "%dGi" (add (mul (int (trimSuffix "Ti" $q)) 1024) $add) }}
+{{- else }}
+{{- printf "%dGi" (add (int (trimSuffix "Gi" $q)) $add) }}
+{{- end }}
+{{- end }}
+
+{{/*
+vllm.kvOffload checks that values.schema.json cannot express (and the ones it
+can, again, for `--skip-schema-validation`); rendering fails with the reason.
+*/}}
+{{- define "tiermem.vllm.kvOffload.validate" -}}
+{{- $kv := .Values.vllm.kvOffload }}
+{{- if $kv.enabled }}
+{{- if not (has (toString $kv.backend) (list "native" "lmcache")) }}
+{{- fail (printf "vllm.kvOffload.backend is %q: use native (vLLM's OffloadingConnector) or lmcache (LMCacheConnectorV1)" (toString $kv.backend)) }}
+{{- end }}
+{{- if or (lt (float64 $kv.cpuGiB) 1.0) (ne (float64 $kv.cpuGiB) (float64 (int $kv.cpuGiB))) }}
+{{- fail (printf "vllm.kvOffload.cpuGiB is %v: the CPU tier needs a whole number of GiB, at least 1" $kv.cpuGiB) }}
+{{- end }}
+{{- if eq $kv.backend "native" }}
+{{- if $kv.disk.enabled }}
+{{- fail "vllm.kvOffload.disk.enabled needs vllm.kvOffload.backend=lmcache: vLLM's native offloading (--kv-offloading-backend=native) keeps its tier in CPU memory only" }}
+{{- end }}
+{{- $tag := toString .Values.vllm.image.tag }}
+{{- if and (regexMatch "^v?[0-9]+\\.[0-9]+\\.[0-9]+$" $tag) (semverCompare "<0.32.0" $tag) }}
+{{- fail (printf "vllm.kvOffload with backend native passes --kv-offloading-backend/--kv-offloading-size, which vllm.image.tag %s predates (they were checked against vLLM 0.32.0): set vllm.image.tag to v0.32.0 or later" $tag) }}
+{{- end }}
+{{- end }}
+{{- if $kv.disk.enabled }}
+{{- if or (lt (float64 $kv.disk.sizeGiB) 1.0) (ne (float64 $kv.disk.sizeGiB) (float64 (int $kv.disk.sizeGiB))) }}
+{{- fail (printf "vllm.kvOffload.disk.sizeGiB is %v: the disk tier needs a whole number of GiB, at least 1" $kv.disk.sizeGiB) }}
+{{- end }}
+{{- $path := toString $kv.disk.path }}
+{{- if not (regexMatch "^/[^:]*[^/:]$" $path) }}
+{{- fail (printf "vllm.kvOffload.disk.path is %q: an absolute path without a trailing slash" $path) }}
+{{- end }}
+{{- range list "/models" "/dev/shm" "/tmp" }}
+{{- if or (eq $path .) (hasPrefix (printf "%s/" .) $path) (hasPrefix (printf "%s/" $path) .) }}
+{{- fail (printf "vllm.kvOffload.disk.path %q overlaps the vLLM container's %s volume: pick another path" $path .) }}
+{{- end }}
+{{- end }}
+{{- if and $kv.disk.existingClaim (gt (int .Values.vllm.replicaCount) 1) }}
+{{- fail (printf "vllm.kvOffload.disk.existingClaim %q is one volume for %d vLLM replicas: two LMCache instances must not share a disk tier; leave it empty (an emptyDir per pod)" $kv.disk.existingClaim (int .Values.vllm.replicaCount)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* `vllm serve` flags of the KV offload tier (list items; nothing when off). */}}
+{{- define "tiermem.vllm.kvOffload.args" -}}
+{{- $kv := .Values.vllm.kvOffload }}
+{{- if $kv.enabled }}
+{{- if eq $kv.backend "native" }}
+- "--kv-offloading-backend=native"
+- "--kv-offloading-size={{ int $kv.cpuGiB }}"
+{{- else }}
+- {{ printf "--kv-transfer-config=%s" (toJson (dict "kv_connector" "LMCacheConnectorV1" "kv_role" "kv_both")) | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* LMCache's environment (list items; nothing when off or native). */}}
+{{- define "tiermem.vllm.kvOffload.env" -}}
+{{- $kv := .Values.vllm.kvOffload }}
+{{- if and $kv.enabled (eq $kv.backend "lmcache") }}
+# LMCache reads its settings from LMCACHE_* (sizes in GB).
+- name: LMCACHE_LOCAL_CPU
+  value: "True"
+- name: LMCACHE_MAX_LOCAL_CPU_SIZE
+  value: {{ int $kv.cpuGiB | quote }}
+- name: LMCACHE_CHUNK_SIZE
+  value: {{ int $kv.lmcache.chunkSize | quote }}
+{{- if $kv.disk.enabled }}
+- name: LMCACHE_LOCAL_DISK
+  value: {{ printf "file://%s/" $kv.disk.path | quote }}
+- name: LMCACHE_MAX_LOCAL_DISK_SIZE
+  value: {{ int $kv.disk.sizeGiB | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Resources of the vLLM container: vllm.resources, with requests.memory and
+limits.memory (where set) raised by vllm.kvOffload.cpuGiB when the tier is on.
+*/}}
+{{- define "tiermem.vllm.resources" -}}
+{{- $res := deepCopy .Values.vllm.resources }}
+{{- $kv := .Values.vllm.kvOffload }}
+{{- if $kv.enabled }}
+{{- range $kind := list "requests" "limits" }}
+{{- $memory := dig $kind "memory" "" $res }}
+{{- if $memory }}
+{{- $_ := set (index $res $kind) "memory" (include "tiermem.addGiB" (dict "q" $memory "add" $kv.cpuGiB "what" (printf "vllm.resources.%s.memory" $kind))) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
+
+{{/* sizeLimit of vLLM's /dev/shm: the native tier is a file there, so it grows by cpuGiB. */}}
+{{- define "tiermem.vllm.shmSizeLimit" -}}
+{{- $kv := .Values.vllm.kvOffload }}
+{{- if and $kv.enabled (eq $kv.backend "native") }}
+{{- include "tiermem.addGiB" (dict "q" .Values.vllm.shmSizeLimit "add" $kv.cpuGiB "what" "vllm.shmSizeLimit") }}
+{{- else }}
+{{- .Values.vllm.shmSizeLimit }}
+{{- end }}
+{{- end }}
+
+{{/* sizeLimit of the LMCache disk tier's emptyDir: sizeGiB plus 10% (at least 1 GiB). */}}
+{{- define "tiermem.vllm.kvDiskSizeLimit" -}}
+{{- $size := int .Values.vllm.kvOffload.disk.sizeGiB }}
+{{- printf "%dGi" (add $size (max 1 (div (add $size 9) 10))) }}
+{{- end }}
