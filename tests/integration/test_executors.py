@@ -193,10 +193,11 @@ async def test_timed_out_milvus_calls_cannot_starve_embedding(
         [vector] = await emb.embed(TEXTS)
         took = time.monotonic() - t0
         assert len(vector) == emb.dim
-        # Done while every Milvus call still waits for its deadline.
-        assert not any(c.done() for c in calls), emb.name
+        # Done while every Milvus call still waits for its deadline: no thread of
+        # the Milvus pool was given back, so the embedding did not need one. (How
+        # long it took depends on the machine's load, not on the pools.)
+        assert not any(c.done() for c in calls), (emb.name, took)
         assert milvus.running == executors.milvus_workers
-        assert took < MILVUS_TIMEOUT_S / 2, (emb.name, took)
     if HAS_MINILM:
         assert [e.name for e in embedders] == ["hash-v1-384", "minilm-l6-v2"]
 
