@@ -221,6 +221,13 @@ class Archiver:
         self.metrics.l3_rows.inc(rows)
         if self.after_upsert is not None:
             await self.after_upsert(batch_id)
+        if await self.l2.is_forgotten(tenant, session):
+            # Forgotten while this batch was on its way: what was just written
+            # goes too (the forget wrote its marker before it deleted L3 rows, so
+            # either it deleted these, or this sees the marker).
+            await self.l3.delete_session(tenant, session)
+            self.metrics.archive_batches.labels("forgotten").inc()
+            return None
         running = merge_summaries(state.summary, summary)
         version = await self.l2.advance_archive(tenant, session, batch_id, first, last, running)
         if version is None:

@@ -103,6 +103,13 @@ class SessionKeys:
         """The tool steps a turn has run (graph/nodes.py), before it is committed."""
         return f"{self.base}:tools:{validate_id(turn_id, 'turn_id')}"
 
+    @property
+    def forgotten(self) -> str:
+        """Set while a forgotten session's id is refused (memory/forget.py): a turn
+        in flight when it was forgotten cannot commit, an archive in flight
+        deletes what it wrote."""
+        return f"{self.base}:forgotten"
+
     def batch(self, batch_id: str) -> str:
         return f"{self.base}:batch:{batch_id}"
 
@@ -132,6 +139,25 @@ class RateLimitKeys:
     @property
     def streams(self) -> str:
         return f"{self.base}:streams"
+
+
+class TenantKeys:
+    """The session index of one tenant (newest first), one hash tag: the tenant's."""
+
+    __slots__ = ("base", "tenant")
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = validate_id(tenant, "tenant")
+        self.base = f"{PREFIX}:idx:{{{self.tenant}}}"
+
+    @property
+    def sessions(self) -> str:
+        """Sorted set: session id -> created_at."""
+        return f"{self.base}:sessions"
+
+    def user_sessions(self, user_id: str) -> str:
+        """Sorted set: the user's session ids -> created_at."""
+        return f"{self.base}:user:{validate_id(user_id, 'user_id')}"
 
 
 META_SCAN_PATTERN = f"{PREFIX}:{{*}}:meta"

@@ -67,7 +67,7 @@ return 1
 )
 
 # KEYS: meta, log, turn idempotency key, checkpoint record, checkpoint index,
-#       checkpoint namespaces.
+#       checkpoint namespaces, forgotten marker.
 # ARGV: 1 expected version, 2 turn (encoded), 3 turn index, 4 mode ("append" or
 #       "replace": a failed or drained last turn retried in place), 5 session ttl,
 #       6 turn record ttl, 7 checkpoint id ("" for none), 8 checkpoint record,
@@ -76,7 +76,8 @@ return 1
 # Returns {1, new_version} or {0, current_version} on a version conflict, or
 # {-1, turn_count} when the turn index does not fit the log, or {2, index} when a
 # turn with this id is already stored (at most once, even across pods), or
-# {3, 0} when the session belongs to another user (its first turn bound it).
+# {3, 0} when the session belongs to another user (its first turn bound it), or
+# {4, 0} when the session was just forgotten (memory/forget.py).
 COMMIT = (
     _PUT_CHECKPOINT_FN
     + """
@@ -84,6 +85,7 @@ if ARGV[4] == 'append' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {2, tonumber(existing)} end
 end
+if redis.call('EXISTS', KEYS[7]) == 1 then return {4, 0} end
 local owner = redis.call('HGET', KEYS[1], 'user_id')
 if owner and owner ~= '' and owner ~= ARGV[13] then return {3, 0} end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
@@ -178,5 +180,16 @@ return redis.call('LINDEX', KEYS[2], tonumber(idx) - base)
 RECORD_TOOL_STEP = """
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+
+# KEYS: tenant index, user index; ARGV: session id, created_at, ttl_s.
+# Indexes a new session (its first commit): one round trip, one slot (the tenant's).
+# The indexes expire too (every key has a TTL), renewed by each new session.
+INDEX_SESSION = """
+redis.call('ZADD', KEYS[1], 'NX', tonumber(ARGV[2]), ARGV[1])
+redis.call('ZADD', KEYS[2], 'NX', tonumber(ARGV[2]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 return 1
 """

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 from redis.exceptions import NoScriptError, ResponseError
@@ -23,11 +23,22 @@ from redis.exceptions import NoScriptError, ResponseError
 from infra.errors import Conflict, Misconfigured, Unavailable
 from infra.redis_client import REDIS_ERRORS, RedisLike, on_one_connection, scan_keys
 from memory import l2_scripts
-from memory.keys import META_SCAN_PATTERN, SessionKeys, split_thread_id
+from memory.keys import (
+    INVALIDATION_CHANNEL,
+    META_SCAN_PATTERN,
+    SessionKeys,
+    TenantKeys,
+    split_thread_id,
+    validate_id,
+)
 from memory.metrics import Metrics
 from memory.models import SessionState, Turn
 
 _PING_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError)
+
+
+# The session index lives this many session TTLs after the tenant's newest session.
+INDEX_TTL_SESSIONS = 4
 
 
 class L2Error(Unavailable):
@@ -72,6 +83,15 @@ class SessionUserMismatch(Conflict):
 
     code = "session_user_mismatch"
     default_message = "this session belongs to another user"
+
+
+class SessionForgotten(Conflict):
+    """The session was forgotten while this turn ran: the turn is not stored."""
+
+    code = "session_forgotten"
+    default_message = (
+        "this session was just forgotten (deleted); its id is refused for a few minutes"
+    )
 
 
 class VersionConflict(Conflict):
@@ -153,6 +173,7 @@ class L2Store:
         self._cut = redis.register_script(l2_scripts.CUT_BATCH)
         self._committed = redis.register_script(l2_scripts.COMMITTED_TURN)
         self._tool_step = redis.register_script(l2_scripts.RECORD_TOOL_STEP)
+        self._index = redis.register_script(l2_scripts.INDEX_SESSION)
         # Round trips to Redis are what an L1 hit saves: counted as a metric
         # (tiermem_l2_round_trips_total), which the benchmarks and tests read.
         self._round_trips = (metrics or Metrics()).l2_round_trips
@@ -223,6 +244,7 @@ class L2Store:
             k.cp(ns, checkpoint.checkpoint_id if checkpoint else "none"),
             k.cp_index(ns),
             k.cp_namespaces,
+            k.forgotten,
         ]
         args = [state.version, turn.encode(), turn.index, "replace" if replace_last else "append",
                 self.session_ttl_s, self.turn_record_ttl_s,
@@ -245,6 +267,8 @@ class L2Store:
             raise AlreadyCommitted(value)
         if ok == 3:
             raise SessionUserMismatch()
+        if ok == 4:
+            raise SessionForgotten()
         # The log does not end where this state thinks: treat as a conflict.
         raise VersionConflict(-1)
 
@@ -373,12 +397,122 @@ class L2Store:
             raise L2Error(f"redis: {exc}") from exc
         return [Turn.decode(r) for r in raw]
 
-    async def delete_session(self, tenant: str, session_id: str) -> None:
+    async def delete_session(self, tenant: str, session_id: str) -> int:
+        """Deletes every key of the session but its forgotten marker; how many."""
         k = SessionKeys(tenant, session_id)
-        keys = [key async for key in scan_keys(self.redis, f"{_glob_escape(k.base)}:*")]
-        if keys:
-            # One slot: a single DEL works on a cluster too.
-            await self.redis.delete(*keys)
+        self._round_trips.inc()
+        try:
+            keys = [key async for key in scan_keys(self.redis, f"{_glob_escape(k.base)}:*")]
+            keys = [key for key in keys if _s(key) != k.forgotten]
+            if keys:
+                # One slot: a single DEL works on a cluster too.
+                return int(await self.redis.delete(*keys))
+        except REDIS_ERRORS as exc:
+            raise L2Error(f"redis: {exc}") from exc
+        return 0
+
+    # --- the session index and forgetting -----------------------------------------
+    async def index_session(
+        self, tenant: str, session_id: str, user_id: str, created_at: float
+    ) -> None:
+        """A new session joins its tenant's and its user's index (its first commit)."""
+        t = TenantKeys(tenant)
+        # Longer than a session lives, renewed by each new session of the tenant:
+        # an index outlives the sessions it lists unless the tenant starts none for
+        # that long (then sessions it misses are still found by forgetting's scan).
+        ttl = INDEX_TTL_SESSIONS * self.session_ttl_s
+        await self._run(self._index, [t.sessions, t.user_sessions(user_id)],
+                        [validate_id(session_id, "session_id"), created_at, ttl])  # fmt: skip
+
+    async def list_sessions(
+        self, tenant: str, user_id: str | None, before: float | None, limit: int
+    ) -> tuple[list[tuple[str, float]], float | None]:
+        """The tenant's (or user's) sessions, newest first: up to ``limit`` created
+        before ``before``, and the cursor of the next page (None at the end).
+        Sessions whose keys expired are dropped from the index as they are met."""
+        t = TenantKeys(tenant)
+        index = t.user_sessions(user_id) if user_id else t.sessions
+        top = f"({before!r}" if before is not None else "+inf"
+        found: list[tuple[str, float]] = []
+        cursor = before
+        try:
+            while len(found) < limit:
+                self._round_trips.inc()
+                raw = await self.redis.zrevrangebyscore(
+                    index, top, "-inf", start=0, num=limit, withscores=True
+                )
+                if not raw:
+                    return found, None
+                rows = cast("list[tuple[Any, float]]", raw)
+                page = [(_s(m), float(score)) for m, score in rows]
+                alive = [await self.redis.exists(SessionKeys(tenant, s).meta) for s, _ in page]
+                gone = [s for (s, _), ok in zip(page, alive, strict=True) if not ok]
+                if gone:
+                    await self.redis.zrem(index, *gone)
+                found += [p for p, ok in zip(page, alive, strict=True) if ok]
+                cursor = page[-1][1]
+                top = f"({cursor!r}"
+                if len(raw) < limit:
+                    return found[:limit], None
+        except REDIS_ERRORS as exc:
+            raise L2Error(f"redis: {exc}") from exc
+        return found[:limit], (found[limit - 1][1] if len(found) >= limit else cursor)
+
+    async def unindex_session(self, tenant: str, session_id: str, user_id: str | None) -> None:
+        t = TenantKeys(tenant)
+        self._round_trips.inc()
+        try:
+            await self.redis.zrem(t.sessions, session_id)
+            if user_id:
+                await self.redis.zrem(t.user_sessions(user_id), session_id)
+        except REDIS_ERRORS as exc:
+            raise L2Error(f"redis: {exc}") from exc
+
+    async def user_sessions(self, tenant: str, user_id: str) -> list[str]:
+        """Every indexed session of the user."""
+        self._round_trips.inc()
+        try:
+            raw = await self.redis.zrange(TenantKeys(tenant).user_sessions(user_id), 0, -1)
+        except REDIS_ERRORS as exc:
+            raise L2Error(f"redis: {exc}") from exc
+        return [_s(m) for m in raw]
+
+    async def drop_user_index(self, tenant: str, user_id: str) -> None:
+        self._round_trips.inc()
+        try:
+            await self.redis.delete(TenantKeys(tenant).user_sessions(user_id))
+        except REDIS_ERRORS as exc:
+            raise L2Error(f"redis: {exc}") from exc
+
+    async def mark_forgotten(self, tenant: str, session_id: str, ttl_s: int) -> None:
+        self._round_trips.inc()
+        try:
+            await self.redis.set(SessionKeys(tenant, session_id).forgotten, "1", ex=max(1, ttl_s))
+        except REDIS_ERRORS as exc:
+            raise L2Error(f"redis: {exc}") from exc
+
+    async def publish_version(self, tenant: str, session_id: str, version: int) -> None:
+        """What a commit publishes, sent alone (pods drop older L1 copies)."""
+        self._round_trips.inc()
+        try:
+            meta = SessionKeys(tenant, session_id).meta
+            await self.redis.publish(INVALIDATION_CHANNEL, f"{meta} {version}")
+        except REDIS_ERRORS as exc:
+            raise L2Error(f"redis: {exc}") from exc
+
+    async def is_forgotten(self, tenant: str, session_id: str) -> bool:
+        self._round_trips.inc()
+        try:
+            return bool(await self.redis.exists(SessionKeys(tenant, session_id).forgotten))
+        except REDIS_ERRORS as exc:
+            raise L2Error(f"redis: {exc}") from exc
+
+    async def drop_retrieval_cache(self, tenant: str, session_id: str) -> int:
+        self._round_trips.inc()
+        try:
+            return int(await self.redis.delete(SessionKeys(tenant, session_id).rcache))
+        except REDIS_ERRORS as exc:
+            raise L2Error(f"redis: {exc}") from exc
 
     # --- archive ------------------------------------------------------------------
     async def acquire_lease(self, tenant: str, session_id: str, holder: str, ttl_s: float) -> bool:

@@ -584,6 +584,19 @@ class L3Store:
             raise self._unavailable(exc) from exc
         return deleted
 
+    async def delete_session(self, tenant: str, session_id: str) -> int:
+        """Delete every batch of one session of one tenant; the number of rows deleted."""
+        expr = _scope(tenant, session_id=session_id)
+        await self._ensure()
+        names = [self.collection, *([self.legacy_collection] if self._legacy else [])]
+        deleted = 0
+        try:
+            for name in names:
+                deleted += await self.milvus.delete(name, filter=expr)
+        except MilvusError as exc:
+            raise self._unavailable(exc) from exc
+        return deleted
+
     # --- reads ----------------------------------------------------------------------------
 
     async def search(self, tenant: str, user_id: str, query: str, k: int) -> list[MemoryHit]:

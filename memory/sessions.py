@@ -43,6 +43,9 @@ from memory.l2_store import (
 from memory.metrics import Metrics
 from memory.models import RenderedMark, SessionState, Turn
 
+# What a forget publishes: newer than any session's version, so every pod drops it.
+FORGOTTEN_VERSION = 2**62
+
 log = logging.getLogger("tiermem.sessions")
 
 COMMIT_CONFLICT_RETRIES = 5
@@ -212,7 +215,8 @@ class Sessions:
         if compaction is not None:
             meta["context_start"] = str(compaction[0])
             meta["context_summary"] = compaction[1]
-        if session.version == 0:
+        new = session.version == 0
+        if new:
             meta["created_at"] = repr(session.created_at or now)
         try:
             version = await self._commit_with_retry(
@@ -238,7 +242,36 @@ class Sessions:
             session.turns = [t for t in session.turns if t.index >= session.context_start]
         session.last_rendered = rendered
         self.l1.put(session)
+        if new:
+            await self._index(session, user_id, float(meta["created_at"]))
         return Committed(turn, version)
+
+    async def _index(self, session: SessionState, user_id: str, created_at: float) -> None:
+        """A new session joins the tenant's index (GET /v1/sessions). One round
+        trip on a session's first turn only; a failure costs the listing, not the
+        turn (forgetting a user also scans for sessions the index missed)."""
+        try:
+            await self.l2.index_session(session.tenant, session.session_id, user_id, created_at)
+        except L2Error as exc:
+            log.warning("session %s not indexed: %s", session.session_id, exc)
+
+    # --- forgetting -----------------------------------------------------------------
+    async def forget(self, tenant: str, session_id: str, guard_s: int) -> dict[str, Any]:
+        """Deletes the session from L2 and from every pod's L1. Its id is refused
+        for ``guard_s`` (a marker key), so a turn in flight cannot commit it back
+        and an archive in flight deletes what it wrote. Returns what it removed."""
+        try:
+            meta = await self.l2.read_meta(tenant, session_id)
+            await self.l2.mark_forgotten(tenant, session_id, guard_s)
+            keys = await self.l2.delete_session(tenant, session_id)
+            user = meta.user_id if meta is not None else None
+            await self.l2.unindex_session(tenant, session_id, user)
+            # Every pod drops its copy: no version is newer than this.
+            await self.l2.publish_version(tenant, session_id, FORGOTTEN_VERSION)
+        except L2Error as exc:
+            raise StorageUnavailable(str(exc)) from exc
+        self.l1.drop(tenant, session_id)
+        return {"l2_keys": keys, "user_id": user, "existed": meta is not None}
 
     async def _commit_with_retry(
         self,

@@ -9,8 +9,46 @@ from fastapi import APIRouter, Query
 from app.deps import ServicesDep, SessionId, TenantDep
 from app.errors import ApiError
 from memory.history import DEFAULT_PAGE, MAX_PAGE, read_history
+from memory.keys import ID_PATTERN
+from memory.l2_store import L2Error
+from memory.sessions import StorageUnavailable
 
 router = APIRouter()
+
+
+def _cursor(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        cursor = float(value)
+    except ValueError:
+        raise ApiError(
+            422, "invalid_cursor", "cursor must be a next_cursor this route gave"
+        ) from None
+    if cursor != cursor or cursor in (float("inf"), float("-inf")):
+        raise ApiError(422, "invalid_cursor", "cursor must be a next_cursor this route gave")
+    return cursor
+
+
+@router.get("/v1/sessions")
+async def list_sessions(
+    tenant: TenantDep,
+    services: ServicesDep,
+    user_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+) -> Any:
+    """The tenant's sessions (or one user's), newest first, from an index kept in
+    Redis (no SCAN): ``limit`` of them created before ``cursor``; pass
+    ``next_cursor`` for the next page (null at the end)."""
+    try:
+        found, nxt = await services.l2.list_sessions(tenant, user_id, _cursor(cursor), limit)
+    except L2Error as exc:
+        raise StorageUnavailable(str(exc)) from exc
+    return {
+        "sessions": [{"session_id": s, "created_at": created} for s, created in found],
+        "next_cursor": repr(nxt) if nxt is not None else None,
+    }
 
 
 @router.get("/v1/sessions/{session_id}")

@@ -109,9 +109,11 @@ def _invalid_utf8(body: bytes) -> bool:
 
 
 def _in_namespace(key: bytes, tenant: str) -> bool:
-    return key.startswith(f"tm:{{{tenant}:".encode()) or key.startswith(
-        f"tm:rl:{{{tenant}}}:".encode()
-    )
+    """A session key, a rate-limit key or a session-index key of ``tenant``."""
+    return key.startswith(
+        (f"tm:{{{tenant}:".encode(), f"tm:rl:{{{tenant}}}:".encode(),
+         f"tm:idx:{{{tenant}}}:".encode())
+    )  # fmt: skip
 
 
 def assert_refused(
