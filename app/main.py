@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.mcp_server import McpApp
-from app.routes import agents, memories, probes, sessions, skills, turns
+from app.routes import agents, forget, memories, openai, probes, sessions, skills, turns
 from app.services import Services
 from infra.settings import Settings
 
@@ -42,6 +42,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         version="0.1.0",
         description="Three-tier memory for LLM chat agents, streamed over SSE.",
         lifespan=lifespan,
+        # The interactive docs and the schema: on by default (development); an
+        # operator turns them off with TIERMEM_DOCS=false.
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
+        # "/v1/sessions/" is a session id left empty, not the listing: a 404, not
+        # a redirect to another route.
+        redirect_slashes=False,
     )
     app.state.services = services
     install_error_handlers(app)
@@ -51,6 +59,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(probes.router)
     app.include_router(agents.router)
     app.include_router(skills.router)
+    app.include_router(forget.router)
+    app.include_router(openai.router)
     # MCP (Streamable HTTP, stateless) behind the same API keys: app/mcp_server.py.
     app.router.routes.append(mcp.route)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -231,6 +231,13 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(default=16_000, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=256)
 
+    # --- forgetting (memory/forget.py) --------------------------------------------
+    # How long a forgotten session's id is refused: longer than any turn runs, so
+    # a turn in flight cannot commit it back, nor an archive in flight keep rows.
+    forget_guard_s: int = Field(default=300, ge=1)
+    # /docs, /redoc and /openapi.json (off: 404).
+    docs: bool = True
+
     # --- HTTP --------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
