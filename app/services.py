@@ -41,6 +41,7 @@ from infra.settings import Settings
 from infra.tokenizer import build_tokenizer
 from memory.archiver import Archiver, CrashHook
 from memory.context import ContextBuilder, StablePrefix
+from memory.forget import Forgetter
 from memory.keys import INVALIDATION_CHANNEL
 from memory.l1_pool import L1Pool
 from memory.l2_store import L2Store, new_turn_id
@@ -106,6 +107,7 @@ class Services:
     runner: TurnRunner
     agents: Agents
     skills: SkillRegistry
+    forgetter: Forgetter
     context: ContextBuilder
     base_prefix: StablePrefix
 
@@ -184,6 +186,7 @@ class Services:
         self.l3 = L3Store.from_settings(
             s, self.milvus, self.embedder, metrics=self.metrics, cpu=self.executors.cpu
         )
+        self.forgetter = Forgetter(self.sessions, self.l2, self.l3, guard_s=s.forget_guard_s)
         try:
             await self.l3.ensure_collection()
         except TiermemError as exc:

@@ -624,8 +624,10 @@ def _usage(prev: dict[str, Any], outcome: ReplyOutcome, plan_tokens: int) -> dic
     prompt = u.prompt_tokens if u else (plan_tokens if first else 0)
     completion = u.completion_tokens if u else len(outcome.text.split())
     cached = u.cached_tokens if u else None
+    finish = done.finish_reason if done is not None else None
     if first:
         return {
+            "finish_reason": finish,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "cached_tokens": cached,
@@ -634,6 +636,7 @@ def _usage(prev: dict[str, Any], outcome: ReplyOutcome, plan_tokens: int) -> dic
             "route_moved": bool(done and done.moved),
         }
     usage = dict(prev)
+    usage["finish_reason"] = finish  # the last request's: why the reply ended
     usage["prompt_tokens"] = (prev.get("prompt_tokens") or 0) + prompt
     usage["completion_tokens"] = (prev.get("completion_tokens") or 0) + completion
     if cached is not None or prev.get("cached_tokens") is not None:

@@ -17,7 +17,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header
@@ -103,8 +103,7 @@ async def post_turn(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     started = time.perf_counter()
-    if services.draining:
-        raise ApiError(503, "draining", "this pod is shutting down; retry", {"Retry-After": "2"})
+    refuse_if_draining(services)
     check_message(body.message, services.settings.max_message_chars)
     if body.agent not in (None, "auto") and body.agent not in services.agents.profiles:
         raise ApiError(422, "unknown_agent", f"no agent {body.agent!r}; GET /v1/agents lists them")
@@ -139,19 +138,36 @@ async def post_turn(
     # 409 session_user_mismatch here, before the stream starts (free on an L1
     # hit; on a miss this is the turn's one load).
     await services.sessions.check_owner(tenant, session_id, body.user_id)
-    lease = await _admit(limiter, tenant)
-    tenant_var.set(tenant)
-    session_var.set(session_id)
-    # The turn starts now, not when Starlette starts iterating the response:
-    # its LLM request then goes out while the response headers are being sent.
-    queue, control, task = _start_turn(services, inp, started, lease)
+    queue, control, task = await launch_turn(services, limiter, inp, started)
     return event_stream(_stream(services, inp, queue, control, task))
 
 
-async def _admit(limiter: RateLimiter | None, tenant: str) -> StreamLease | None:
+def refuse_if_draining(services: Services) -> None:
+    """A pod shutting down takes no new turn: 503 ``draining`` with Retry-After."""
+    if services.draining:
+        raise ApiError(503, "draining", "this pod is shutting down; retry", {"Retry-After": "2"})
+
+
+async def admit(limiter: RateLimiter | None, tenant: str) -> StreamLease | None:
+    """The tenant's limits (one Redis round trip when any is on): a lease on a
+    stream slot, or None when streams are not limited."""
     # RateLimited (429) and RateLimitUnavailable (503) carry their codes and
     # Retry-After: app/errors.py turns them into the response.
     return None if limiter is None else await limiter.admit(tenant)
+
+
+async def launch_turn(
+    services: Services, limiter: RateLimiter | None, inp: TurnInput, started: float
+) -> tuple[asyncio.Queue[TurnEvent | None], TurnControl, asyncio.Task[None]]:
+    """Admits a validated turn (tenant limits) and starts it: its events come on
+    the queue, then None. Shared by every front that runs turns (the native SSE
+    route, the OpenAI-compatible route)."""
+    lease = await admit(limiter, inp.tenant)
+    tenant_var.set(inp.tenant)
+    session_var.set(inp.session_id)
+    # The turn starts now, not when Starlette starts iterating the response:
+    # its LLM request then goes out while the response headers are being sent.
+    return _start_turn(services, inp, started, lease)
 
 
 def _start_turn(
@@ -161,10 +177,25 @@ def _start_turn(
     generated even when the client is gone."""
     queue: asyncio.Queue[TurnEvent | None] = asyncio.Queue()
     control = TurnControl(emit=queue.put_nowait)
+    task = spawn_in_flight(
+        services, control, lease, lambda: _produce(services, inp, control, queue, started)
+    )
+    return queue, control, task
+
+
+def spawn_in_flight(
+    services: Services,
+    control: TurnControl,
+    lease: StreamLease | None,
+    work: Callable[[], Awaitable[None]],
+) -> asyncio.Task[None]:
+    """``work`` in a task of its own, counted as a turn in flight (the drain
+    waits for it, and stops it through ``control`` at its deadline), holding
+    its stream slot (if streams are limited) until it ends."""
     services.controls.add(control)
     if lease is not None:
         lease.claim()
-    task = asyncio.create_task(_produce_holding(lease, services, inp, control, queue, started))
+    task = asyncio.create_task(_holding(lease, work))
     services.turn_tasks.add(task)
     services.refresh_gauges()
 
@@ -174,7 +205,7 @@ def _start_turn(
         services.refresh_gauges()
 
     task.add_done_callback(_finished)
-    return queue, control, task
+    return task
 
 
 async def _stream(
@@ -194,21 +225,14 @@ async def _stream(
             control.stop("client_disconnected")
 
 
-async def _produce_holding(
-    lease: StreamLease | None,
-    services: Services,
-    inp: TurnInput,
-    control: TurnControl,
-    queue: asyncio.Queue[TurnEvent | None],
-    started: float,
-) -> None:
-    """The turn, holding its stream slot (if streams are limited) until it has
-    committed; the slot is released after the stream's last event."""
+async def _holding(lease: StreamLease | None, work: Callable[[], Awaitable[None]]) -> None:
+    """The work (a turn), holding its stream slot (if streams are limited) until
+    it has committed; the slot is released after the stream's last event."""
     if lease is None:
-        await _produce(services, inp, control, queue, started)
+        await work()
         return
     async with lease.held():
-        await _produce(services, inp, control, queue, started)
+        await work()
 
 
 async def _produce(
