@@ -573,20 +573,15 @@ class L3Store:
 
     async def delete_user(self, tenant: str, user_id: str) -> int:
         """Delete every batch of one user of one tenant; the number of rows deleted."""
-        expr = _scope(tenant, user_id)
-        await self._ensure()
-        names = [self.collection, *([self.legacy_collection] if self._legacy else [])]
-        deleted = 0
-        try:
-            for name in names:
-                deleted += await self.milvus.delete(name, filter=expr)
-        except MilvusError as exc:
-            raise self._unavailable(exc) from exc
-        return deleted
+        return await self._delete(_scope(tenant, user_id))
 
     async def delete_session(self, tenant: str, session_id: str) -> int:
         """Delete every batch of one session of one tenant; the number of rows deleted."""
-        expr = _scope(tenant, session_id=session_id)
+        return await self._delete(_scope(tenant, session_id=session_id))
+
+    async def _delete(self, expr: str) -> int:
+        """Rows matching ``expr`` (a ``_scope``), from the collection and the
+        legacy one while it is read."""
         await self._ensure()
         names = [self.collection, *([self.legacy_collection] if self._legacy else [])]
         deleted = 0
