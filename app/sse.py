@@ -17,6 +17,7 @@ import orjson
 from starlette.responses import StreamingResponse
 
 from graph.events import Token, TurnEvent
+from infra.llm import LLMToken
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -36,40 +37,57 @@ def frame(event_id: str, event: str, data: dict[str, Any]) -> bytes:
 HEARTBEAT = b": heartbeat\n\n"
 
 
-async def relay(
-    queue: asyncio.Queue[TurnEvent | None], turn_id: str, heartbeat_s: float
-) -> AsyncIterator[bytes]:
-    """Frames the events a turn puts on ``queue`` until it puts None.
+# What ``queued_events`` yields after ``heartbeat_s`` of silence.
+HEARTBEAT_DUE = object()
 
-    Token events that queued up while the socket was busy go out as one event
-    (the same text, fewer frames and sends under load)."""
-    seq = 0
-    held: object = _NOTHING  # taken off the queue, not sent yet
+
+async def queued_events(queue: asyncio.Queue[Any], heartbeat_s: float) -> AsyncIterator[Any]:
+    """What a producer puts on ``queue``, until it puts None; ``HEARTBEAT_DUE``
+    after ``heartbeat_s`` of silence.
+
+    Text that queued up while the socket was busy (the turn's ``Token`` events,
+    or the LLM's own ``LLMToken``s on the OpenAI front's proxy) comes as one
+    item: the same text, fewer frames and sends under load."""
+    held: Any = _NOTHING  # taken off the queue, not given yet
     while True:
         if held is not _NOTHING:
-            item, held = cast("TurnEvent | None", held), _NOTHING
+            item, held = held, _NOTHING
         elif queue.empty():
             try:
                 # asyncio.timeout, not wait_for: no extra task per event.
                 async with asyncio.timeout(heartbeat_s):
                     item = await queue.get()
             except TimeoutError:
-                yield HEARTBEAT
+                yield HEARTBEAT_DUE
                 continue
         else:
             item = queue.get_nowait()
         if item is None:
             return
-        if type(item) is Token and not queue.empty():
+        kind = type(item)
+        if (kind is Token or kind is LLMToken) and not queue.empty():
             texts = [item.text]
             while not queue.empty():
                 nxt = queue.get_nowait()
-                if type(nxt) is not Token:
+                if type(nxt) is not kind:
                     held = nxt
                     break
                 texts.append(nxt.text)
-            item = Token("".join(texts))
-        yield frame(f"{turn_id}:{seq}", item.name, item.data())
+            item = kind("".join(texts))
+        yield item
+
+
+async def relay(
+    queue: asyncio.Queue[TurnEvent | None], turn_id: str, heartbeat_s: float
+) -> AsyncIterator[bytes]:
+    """Frames the events a turn puts on ``queue`` until it puts None."""
+    seq = 0
+    async for item in queued_events(queue, heartbeat_s):
+        if item is HEARTBEAT_DUE:
+            yield HEARTBEAT
+            continue
+        event = cast("TurnEvent", item)
+        yield frame(f"{turn_id}:{seq}", event.name, event.data())
         seq += 1
 
 

@@ -76,7 +76,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import orjson
 from fastapi import APIRouter, Request
@@ -96,9 +96,10 @@ from app.routes.turns import (
     launch_turn,
     refuse_if_draining,
     spawn_in_flight,
+    stop_if_running,
 )
 from app.services import Services
-from app.sse import HEARTBEAT, SSE_HEADERS
+from app.sse import HEARTBEAT, HEARTBEAT_DUE, SSE_HEADERS, queued_events
 from graph.events import Done, Error, Memory, Meta, SkillUsed, Token, ToolResult, TurnEvent
 from graph.guard import InputRejected, check_message
 from graph.state import TurnControl, TurnInput
@@ -501,7 +502,7 @@ async def _session_turn(
         model=(state.agent if state and state.agent else body.model), session_id=session_id,
         turn_id=chosen, max_tokens=_max_tokens(services, state, body.model),
     )  # fmt: skip
-    events = _events(queue, services.settings.heartbeat_s)
+    events = queued_events(queue, services.settings.heartbeat_s)
     if not body.stream:
         try:
             async for item in events:
@@ -791,16 +792,8 @@ async def _session_stream(
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     try:
-        yield _sse(reply.chunk({"role": "assistant", "content": ""}))
-        for item in first:
-            if (text := reply.take(item)) is not None:
-                yield _sse(reply.chunk({"content": text}))
-        if not reply.ended:
-            async for item in events:
-                if item is _HEARTBEAT_MARK:
-                    yield HEARTBEAT
-                elif (text := reply.take(item)) is not None:
-                    yield _sse(reply.chunk({"content": text}))
+        async for frame in _content(first, events, reply):
+            yield frame
         failed = reply.failure()
         if failed is not None:
             status, code, message, _ = failed
@@ -813,10 +806,7 @@ async def _session_stream(
                 yield _sse({**reply.chunk({}), "choices": [], "usage": reply.usage()})
         yield DONE
     finally:
-        if not task.done():
-            # The client went away (or the response was cancelled): stop
-            # generating; the task still commits what it has.
-            control.stop("client_disconnected")
+        stop_if_running(task, control)
 
 
 # --- without a session: a stateless proxy ---------------------------------------------
@@ -863,7 +853,7 @@ async def _stateless(
     )
     headers = {"X-Tiermem-Ignored": ", ".join(ignored)} if ignored else {}
     reply = _ProxyReply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model)
-    events = _events(queue, services.settings.heartbeat_s)
+    events = queued_events(queue, services.settings.heartbeat_s)
     if not body.stream:
         try:
             async for item in events:
@@ -1005,16 +995,8 @@ async def _proxy_stream(
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     try:
-        yield _sse(reply.chunk({"role": "assistant", "content": ""}))
-        for item in first:
-            if (text := reply.take(item)) is not None:
-                yield _sse(reply.chunk({"content": text}))
-        if not reply.ended:
-            async for item in events:
-                if item is _HEARTBEAT_MARK:
-                    yield HEARTBEAT
-                elif (text := reply.take(item)) is not None:
-                    yield _sse(reply.chunk({"content": text}))
+        async for frame in _content(first, events, reply):
+            yield frame
         if reply.failed is not None or reply.done is None:
             status, code, message, _, _ = reply.error()
             yield _sse(error_json(code, message, status))
@@ -1028,14 +1010,41 @@ async def _proxy_stream(
                 yield _sse({**reply.chunk({}), "choices": [], "usage": reply.usage()})
         yield DONE
     finally:
-        if not task.done():
-            control.stop("client_disconnected")
+        stop_if_running(task, control)
 
 
 # --- shared: framing and the event queue ----------------------------------------------
 
+
+class _Relayed(Protocol):
+    """What a stream relays the content of: a session turn's reply, or the proxy's."""
+
+    @property
+    def ended(self) -> bool: ...
+
+    def take(self, item: Any) -> str | None: ...
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]: ...
+
+
+async def _content(
+    first: list[Any], events: AsyncIterator[Any], reply: _Relayed
+) -> AsyncIterator[bytes]:
+    """The role chunk, then a content chunk for each text the reply takes (what
+    the preface held back first), heartbeats in the silences, until it ends."""
+    yield _sse(reply.chunk({"role": "assistant", "content": ""}))
+    for item in first:
+        if (text := reply.take(item)) is not None:
+            yield _sse(reply.chunk({"content": text}))
+    if not reply.ended:
+        async for item in events:
+            if item is HEARTBEAT_DUE:
+                yield HEARTBEAT
+            elif (text := reply.take(item)) is not None:
+                yield _sse(reply.chunk({"content": text}))
+
+
 DONE = b"data: [DONE]\n\n"
-_HEARTBEAT_MARK = object()
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -1059,48 +1068,13 @@ def _usage(u: dict[str, Any]) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": u.get("cached_tokens")}}  # fmt: skip
 
 
-async def _events(queue: asyncio.Queue[Any], heartbeat_s: float) -> AsyncIterator[Any]:
-    """What a producer puts on ``queue`` until None; ``_HEARTBEAT_MARK`` after
-    ``heartbeat_s`` of silence. Text that queued up while the socket was busy
-    comes as one token (as app/sse.py ``relay`` does)."""
-    held: Any = _NOTHING  # taken off the queue, not given yet
-    while True:
-        if held is not _NOTHING:
-            item, held = held, _NOTHING
-        elif queue.empty():
-            try:
-                async with asyncio.timeout(heartbeat_s):
-                    item = await queue.get()
-            except TimeoutError:
-                yield _HEARTBEAT_MARK
-                continue
-        else:
-            item = queue.get_nowait()
-        if item is None:
-            return
-        kind = type(item)
-        if (kind is Token or kind is LLMToken) and not queue.empty():
-            texts = [item.text]
-            while not queue.empty():
-                nxt = queue.get_nowait()
-                if type(nxt) is not kind:
-                    held = nxt
-                    break
-                texts.append(nxt.text)
-            item = Token("".join(texts)) if kind is Token else LLMToken("".join(texts))
-        yield item
-
-
-_NOTHING = object()
-
-
 async def _preface(events: AsyncIterator[Any], take: Callable[[Any], Any]) -> list[Any]:
     """Takes the events up to the first text, the end, or a heartbeat's time of
     silence, and returns the text not sent yet: the response waits for them, so
     a failure before any text is its HTTP status, and a stream starts with the
     first token (or while the turn's tools and memory still run)."""
     async for item in events:
-        if item is _HEARTBEAT_MARK:
+        if item is HEARTBEAT_DUE:
             return []
         if type(item) is Token or type(item) is LLMToken:
             return [item]

@@ -219,10 +219,14 @@ async def _stream(
         async for chunk in relay(queue, inp.turn_id, services.settings.heartbeat_s):
             yield chunk
     finally:
-        if not task.done():
-            # The client went away (or the response was cancelled): stop
-            # generating; the task still commits what it has.
-            control.stop("client_disconnected")
+        stop_if_running(task, control)
+
+
+def stop_if_running(task: asyncio.Task[None], control: TurnControl) -> None:
+    """The stream of a turn ends: if the client went away (or the response was
+    cancelled) while it runs, generation stops; the task still commits what it has."""
+    if not task.done():
+        control.stop("client_disconnected")
 
 
 async def _holding(lease: StreamLease | None, work: Callable[[], Awaitable[None]]) -> None:
