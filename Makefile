@@ -15,7 +15,7 @@ ENGINE_STAMP := $(ENGINE_VENV)/.tiermem-engine-ok
 DATA_DIR := $(or $(TIERMEM_DATA_DIR),.tiermem)
 MODEL_DIR := $(DATA_DIR)/models/SmolLM2-135M-Instruct
 
-.PHONY: install engine model serve test lint bench clean
+.PHONY: install engine model browser serve test lint bench clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -64,10 +64,27 @@ $(ENGINE_STAMP):
 model:
 	$(ENGINE_PY) infra/engine_prep.py --out $(MODEL_DIR)
 
+# Debian's chromium and chromedriver, for the inspector's browser test
+# (tests/ui/). Only the tests need them; where they cannot be installed (not
+# root, no apt-get) that test is skipped, and says why.
+BROWSER_PKGS := chromium chromium-driver
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+		: ; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends $(BROWSER_PKGS) >/dev/null \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(BROWSER_PKGS) >/dev/null; } \
+		|| echo "tiermem: CHROMIUM COULD NOT BE INSTALLED: the inspector's browser test will be skipped"; \
+	else \
+		echo "tiermem: no chromium (install Debian's $(BROWSER_PKGS) as root):" \
+		     "the inspector's browser test will be skipped"; \
+	fi
+
 serve: install
 	$(BIN)/tiermem serve
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20
 
 lint: install

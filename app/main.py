@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.errors import install_error_handlers
+from app.inspector import mount_inspector
 from app.limits import BodySizeLimit
 from app.mcp_server import McpApp
 from app.routes import agents, forget, memories, openai, probes, sessions, skills, turns
@@ -63,5 +64,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(openai.router)
     # MCP (Streamable HTTP, stateless) behind the same API keys: app/mcp_server.py.
     app.router.routes.append(mcp.route)
+    if settings.ui:
+        mount_inspector(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

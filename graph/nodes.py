@@ -47,7 +47,7 @@ from graph.events import Done, Error, Memory, Meta, SkillUsed, Token, ToolCalled
 from graph.guard import check_message, needs_memory
 from graph.reply import ReplyOutcome, ReplyStream
 from graph.state import PER_TURN_RESET, TurnContext, TurnState
-from graph.tools import Tooling, ToolOutcome, skill_block, tool_message
+from graph.tools import Tooling, ToolOutcome, tool_message
 from infra.errors import TiermemError
 from infra.llm import ChatMessage, LLMClient, ToolCall, assistant_message
 from infra.settings import Settings
@@ -59,6 +59,7 @@ from memory.metrics import Metrics
 from memory.models import Message, SessionState, Turn
 from memory.sessions import Sessions, StorageUnavailable, retryable_in_place
 from memory.skill_detector import SkillDetector
+from memory.skills import framed_skills, skill_block
 
 log = logging.getLogger("tiermem.turn")
 
@@ -472,13 +473,7 @@ def _skills_in_context(session: SessionState) -> set[str]:
         texts = [turn.memories or ""]
         texts += [str(m.get("content") or "") for m in turn.messages if m.get("role") == "tool"]
         for text in texts:
-            start = 0
-            while (i := text.find('<skill name="', start)) >= 0:
-                j = text.find('"', i + 13)
-                if j < 0:
-                    break
-                names.add(text[i + 13 : j])
-                start = j
+            names.update(name for name, _ in framed_skills(text))
     return names
 
 

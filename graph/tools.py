@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from infra.errors import TiermemError
 from infra.llm import InvalidToolArguments, ToolCall, ToolChoice, named_tool_choice
+from memory.skills import LOAD_TOOL, skill_block
 
 if TYPE_CHECKING:
     from infra.mcp import MCPConnections, MCPTool
@@ -146,7 +147,8 @@ def agents_ask_spec(agents: Sequence[tuple[str, str]]) -> ToolSpec:
 
 
 SKILLS_SERVER = "skills"
-SKILLS_LOAD = f"{SKILLS_SERVER}{SEPARATOR}load"
+# memory/skills.py owns the name: the session history reads skills back by it.
+SKILLS_LOAD = LOAD_TOOL
 SKILLS_READ = f"{SKILLS_SERVER}{SEPARATOR}read"
 SKILL_TOOLS: dict[str, ToolSpec] = {
     SKILLS_LOAD: ToolSpec(
@@ -180,12 +182,6 @@ SKILL_TOOLS: dict[str, ToolSpec] = {
         read_only=True,
     ),
 }
-
-
-def skill_block(name: str, version: str, body: str) -> str:
-    """A skill's body as it enters the log (a tool result, or the detector's
-    block in the user message): framed, so the model sees where it ends."""
-    return f'<skill name="{name}" version="{version}">\n{body}\n</skill>'
 
 
 def _version_of(definitions: Sequence[Mapping[str, Any]]) -> str:

@@ -237,6 +237,9 @@ class Settings(BaseSettings):
     forget_guard_s: int = Field(default=300, ge=1)
     # /docs, /redoc and /openapi.json (off: 404).
     docs: bool = True
+    # The web inspector at /ui/ (app/inspector.py; off: 404). Its data comes from
+    # the API, behind the API key, so it is on by default.
+    ui: bool = True
 
     # --- HTTP --------------------------------------------------------------------
     host: str = "127.0.0.1"

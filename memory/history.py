@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.errors import InvalidInput
+from memory.context import MEMORY_BLOCK_START
 from memory.l2_store import L2Error, L2Store
 from memory.l3_store import L3Store, MemoryRecord
 from memory.models import Message, SessionState, Turn
+from memory.skills import LOAD_TOOL, framed_skills
 from memory.summaries import parse_transcript
 
 MAX_PAGE = 100
@@ -99,7 +101,32 @@ def _l2_turn(t: Turn, archived_upto: int) -> dict[str, Any]:
         "created_at": t.created_at,
         "archived": t.index <= archived_upto,
         "complete": True,
+        # As committed: prompt / cached / expected-cacheable tokens, the prefix
+        # break and its reason, the tool calls (id, name, ok), finish reason.
+        "usage": t.usage,
+        "skills": skills_used(t),
+        "memory_hits": t.memory_hits or [],
     }
+
+
+def skills_used(t: Turn) -> list[dict[str, str]]:
+    """The skills whose bodies the turn added to the log: ``detected`` (joined to
+    its user message) or loaded by a ``tool`` call (a skills__load result)."""
+    # The detected bodies come before the retrieved memories (whose text, the
+    # users' own, is not read for frames).
+    detected = (t.memories or "").split(MEMORY_BLOCK_START, 1)[0]
+    used = [{"name": n, "version": v, "how": "detected"} for n, v in framed_skills(detected)]
+    loads = {
+        c.get("id")
+        for m in t.messages if m.get("role") == "assistant"
+        for c in m.get("tool_calls") or [] if (c.get("function") or {}).get("name") == LOAD_TOOL
+    }  # fmt: skip
+    for m in t.messages:
+        if m.get("role") == "tool" and m.get("tool_call_id") in loads:
+            content = str(m.get("content") or "")
+            used += [{"name": n, "version": v, "how": "tool"}
+                     for n, v in framed_skills(content[: content.find(">") + 1])]  # fmt: skip
+    return used
 
 
 async def _from_l3(

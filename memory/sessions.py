@@ -391,6 +391,10 @@ class Sessions:
             state = self.l1.get(tenant, session_id)
             if state is None:
                 return
+            if state.version >= version:
+                # Reloaded or committed after the advance (a commit on an older
+                # version fails its compare-and-set and reloads): it has it.
+                return
             if state.version == version - 1:
                 state.version = version
                 state.archived_upto = archived_upto

@@ -98,6 +98,25 @@ ALLOWED_KEYS = frozenset(
     {"name", "description", "license", "compatibility", "metadata", "allowed-tools"}
 )
 _NAME_CHARS = re.compile(r"[a-z0-9-]+")
+# How a skill's body enters the log (a skills__load result, or the detector's
+# block in the user message): framed, so the model sees where it ends, and so
+# what a turn used can be read back from the turn alone.
+_FRAMED = re.compile(r'<skill name="([a-z0-9-]{1,64})" version="([^"]{0,64})">')
+# The tool whose results are skill bodies ("<server>__<tool>", as graph/tools.py
+# names every tool; it takes this name).
+LOAD_TOOL = "skills__load"
+
+
+def skill_block(name: str, version: str, body: str) -> str:
+    """A skill's body, framed as it enters the log."""
+    return f'<skill name="{name}" version="{version}">\n{body}\n</skill>'
+
+
+def framed_skills(text: str) -> list[tuple[str, str]]:
+    """(name, version) of every skill block in ``text``, in order."""
+    return [(m.group(1), m.group(2)) for m in _FRAMED.finditer(text)]
+
+
 _O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 

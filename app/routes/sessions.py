@@ -102,15 +102,25 @@ async def get_session_turns(
     """Every turn of the session, archived ones included, newest first: the
     ``limit`` turns before turn ``before`` (the newest without it). Pass
     ``next_before`` as ``before`` for the next, older page; it is null at turn 1.
-    Turns come from L2 while its log holds them (``source: "l2"``), else rebuilt
-    from their batch's transcript in L3 (``source: "l3"``; see memory/history.py)."""
+    Turns come from L2 while its log holds them (``source: "l2"``, with their
+    ``usage``, ``skills`` and ``memory_hits``), else rebuilt from their batch's
+    transcript in L3 (``source: "l3"``; see memory/history.py). ``tiers`` says
+    where each lives: L1 of the pod that answers, L2, L3."""
     page = await read_history(
         services.l2, services.l3, tenant, session_id, before=before, limit=limit
     )
     if page is None:
         raise ApiError(404, "session_not_found", f"no session {session_id!r}")
+    live = services.l1.peek(tenant, session_id)
+    in_l1 = {t.index for t in live.turns} if live is not None else set()
+    for t in page.turns:
+        # Where the turn lives now: this pod's L1 (the turns its context holds),
+        # the L2 log, an archived batch in L3.
+        t["tiers"] = {"l1": t["turn"] in in_l1, "l2": t["source"] == "l2",
+                      "l3": t["archived"] and t["source"] != "missing"}  # fmt: skip
     return {
         "session_id": session_id,
+        "in_l1": live is not None,
         "turn_count": page.turn_count,
         "archived_upto": page.archived_upto,
         "turns": page.turns,
