@@ -40,7 +40,9 @@ from infra.redis_client import REDIS_ERRORS, RedisLike, create_redis, is_cluster
 from infra.settings import Settings
 from infra.tokenizer import build_tokenizer
 from memory.archiver import Archiver, CrashHook
+from memory.cache import Cache
 from memory.context import ContextBuilder, StablePrefix
+from memory.embedding_cache import CachingEmbedder
 from memory.forget import Forgetter
 from memory.keys import INVALIDATION_CHANNEL
 from memory.l1_pool import L1Pool
@@ -94,6 +96,7 @@ class Services:
 
     # Set in start(); typed here for the routes.
     redis: RedisLike
+    cache: Cache
     milvus: AsyncMilvus
     embedder: Embedder
     llm: LLMClient
@@ -149,16 +152,22 @@ class Services:
         stack.push_async_callback(self.milvus.close)
         if self.milvus.is_local:
             s.data_dir.mkdir(parents=True, exist_ok=True)
-        self.embedder = build_embedder(s, self.executors.cpu)
+        # One cache layer (memory/cache.py) for responses, embeddings, tool
+        # results, retrievals and summaries.
+        self.cache = Cache.from_settings(s, self.redis, self.metrics)
+        self.embedder = CachingEmbedder(build_embedder(s, self.executors.cpu), self.cache)
         stack.push_async_callback(close_embedder, self.embedder)
         self.llm = self._llm_override or await self._start_llm(stack)
         stack.push_async_callback(self.llm.aclose)
+        # One health check now: it learns which model the replicas serve, part of
+        # the response cache's keys (a later start of the LLM is learnt later).
+        with contextlib.suppress(TimeoutError, TiermemError):
+            await asyncio.wait_for(self.llm.health(), s.redis_socket_timeout_s)
         self.l1 = L1Pool(s.l1_max_sessions, s.l1_max_bytes, s.l1_idle_evict_s)
         self.l2 = L2Store(
             self.redis,
             session_ttl_s=s.session_ttl_s,
             turn_record_ttl_s=s.turn_record_ttl_s,
-            retrieval_cache_ttl_s=s.retrieval_cache_ttl_s,
             checkpoints_kept=CHECKPOINTS_KEPT,
             metrics=self.metrics,
             ack=s.ack,
@@ -195,7 +204,7 @@ class Services:
             # fixes the setting), and retrieval is skipped meanwhile.
             log.error("L3 not usable at start (%s: %s); archiving will wait", exc.code, exc)
         self.archiver = Archiver(
-            self.l2, self.l3, self.llm, self.metrics,
+            self.l2, self.l3, self.llm, self.metrics, self.cache,
             threshold=s.archive_threshold, lease_s=s.archive_lease_s,
             idle_after_s=s.archive_idle_after, on_advance=self.sessions.apply_archive,
             after_upsert=self._archive_after_upsert,
@@ -235,7 +244,7 @@ class Services:
         )
         self.runner = TurnRunner(
             TurnDeps(s, self.sessions, self.l2, self.l3, self.llm, context, self.archiver,
-                     self.metrics, checkpointer, tooling, self.agents, self._ask_agent,
+                     self.metrics, checkpointer, tooling, self.agents, self.cache, self._ask_agent,
                      self.skill_detector)
         )  # fmt: skip
         # None when both limits are off: then admission costs nothing.
@@ -400,7 +409,7 @@ class Services:
             self.mcp = MCPConnections(configs, on_tools_changed=self._on_tools_changed)
             stack.push_async_callback(self.mcp.aclose)
             await self.mcp.start()
-        self.tooling = tooling = Tooling.from_settings(s, self.mcp)
+        self.tooling = tooling = Tooling.from_settings(s, self.mcp, self.cache)
         for server, tools in (self.mcp.tools() if self.mcp is not None else {}).items():
             tooling.registry.set_server_tools(server, tools)
         log.info("tools: %d (%s)", len(tooling.registry.current.specs),

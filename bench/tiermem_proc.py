@@ -70,6 +70,10 @@ class TimedLLM:
         self.is_dev = inner.is_dev
         self.waits: dict[str, _LLMWait] = {}
 
+    @property
+    def model_label(self) -> str:
+        return self.inner.model_label
+
     async def stream_chat(
         self, messages: Any, *, session_key: str, **options: Any
     ) -> AsyncGenerator[LLMEvent, None]:

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+import orjson
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
@@ -52,6 +53,7 @@ from infra.errors import TiermemError
 from infra.llm import ChatMessage, LLMClient, ToolCall, assistant_message
 from infra.settings import Settings
 from memory.archiver import Archiver
+from memory.cache import Cache, Scope
 from memory.context import ContextBuilder, render_memories
 from memory.l2_store import CheckpointWrite, L2Store
 from memory.l3_store import L3Store, batch_id_for, memory_hit_json
@@ -79,6 +81,7 @@ class TurnDeps:
     checkpointer: RedisCheckpointSaver
     tools: Tooling
     agents: Agents
+    cache: Cache
     # Runs a turn of another agent for agents__ask: (the asking turn's state,
     # agent, question) -> (answer, child session id). Set by the app.
     ask_agent: Callable[[TurnState, str, str], Awaitable[tuple[str, str]]] | None = None
@@ -158,24 +161,31 @@ class TurnNodes:
         k = d.settings.retrieve_k
         # Cache generation: a new archived batch of this session invalidates it;
         # other sessions' batches show up when the short TTL runs out.
-        generation = str(session.archived_upto)
+        generation = session.archived_upto
         user = session.user_id or state["user_id"]
-        hits = await d.l2.cached_retrieval(tenant, session_id, user, message, k, generation)
-        source = "cache"
-        if hits is None:
-            source = "l3"
-            try:
-                found = await asyncio.wait_for(
-                    d.l3.search(tenant, user, message, k), timeout=d.settings.retrieve_timeout_s
-                )
-            except (TimeoutError, TiermemError, ValueError) as exc:
-                reason = getattr(exc, "code", None) or type(exc).__name__
-                log.warning("retrieval skipped (%s): %s", reason, exc or "timeout")
-                d.metrics.errors.labels("retrieve").inc()
-                return {"memories": [], "memory_block": None,
-                        "timings": {"retrieve": _since(t0)}}  # fmt: skip
-            hits = [memory_hit_json(h) for h in found]
-            await d.l2.store_retrieval(tenant, session_id, user, message, k, generation, hits)
+
+        async def search() -> list[dict[str, Any]]:
+            found = await asyncio.wait_for(
+                d.l3.search(tenant, user, message, k), timeout=d.settings.retrieve_timeout_s
+            )
+            return [memory_hit_json(h) for h in found]
+
+        try:
+            # Per session (forgotten with it); a search that found nothing is
+            # kept as a short-lived "empty" entry.
+            got = await d.cache.fetch(
+                "retrieval", Scope(tenant, session_id),
+                {"user": user, "query": message, "k": k, "generation": generation},
+                search, encode=orjson.dumps, decode=orjson.loads, empty=lambda h: not h,
+            )  # fmt: skip
+        except (TimeoutError, TiermemError, ValueError) as exc:
+            reason = getattr(exc, "code", None) or type(exc).__name__
+            log.warning("retrieval skipped (%s): %s", reason, exc or "timeout")
+            d.metrics.errors.labels("retrieve").inc()
+            return {"memories": [], "memory_block": None,
+                    "timings": {"retrieve": _since(t0)}}  # fmt: skip
+        hits = got.value or []
+        source = "cache" if got.outcome == "hit" else "l3"
         d.metrics.retrievals.labels(source).inc()
         if hits:
             ctx.control.emit(Memory(source, hits))

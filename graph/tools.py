@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from infra.errors import TiermemError
 from infra.llm import InvalidToolArguments, ToolCall, ToolChoice, named_tool_choice
+from memory.cache import Cache, Scope
 from memory.skills import LOAD_TOOL, skill_block
 
 if TYPE_CHECKING:
@@ -408,11 +409,13 @@ class ToolExecutor:
         *,
         timeout_s: float,
         max_chars: int,
+        cache: Cache | None = None,
     ) -> None:
         self.mcp = mcp
         self.policy = policy
         self.timeout_s = timeout_s
         self.max_chars = max_chars
+        self.cache = cache
         self.skills: SkillRegistry | None = None
 
     async def run(
@@ -462,9 +465,7 @@ class ToolExecutor:
             # not one tool call's.
             return await _ask_agent(call, arguments, ask, self.max_chars, t0)
         try:
-            ok, text = await asyncio.wait_for(
-                self._dispatch(spec, arguments, memory_search), timeout=self.timeout_s
-            )
+            ok, text = await self._cached(spec, arguments, tenant, memory_search)
         except TimeoutError:
             ok, text = False, f"{call.name} did not answer within {self.timeout_s:g} s"
         except (TiermemError, ValueError, TypeError) as exc:
@@ -504,6 +505,29 @@ class ToolExecutor:
         except ValueError as exc:  # SkillError: outside the folder, missing, binary
             return ToolOutcome(call, False, str(exc))
         return ToolOutcome(call, True, as_data(text), time.perf_counter() - t0)
+
+    async def _cached(
+        self, spec: ToolSpec, arguments: dict[str, Any], tenant: str, memory_search: MemorySearch
+    ) -> tuple[bool, str]:
+        """The call's (ok, text): from the cache for a tool the MCP config marks
+        cacheable (per tenant; keyed by the tool's definition and the arguments),
+        else run. Only successful results are stored."""
+
+        async def run() -> tuple[bool, str]:
+            return await asyncio.wait_for(
+                self._dispatch(spec, arguments, memory_search), timeout=self.timeout_s
+            )
+
+        ttl = self.mcp.cache_ttl(spec.server, spec.tool) if self.mcp is not None else None
+        if ttl is None or self.cache is None or spec.server in RESERVED_SERVERS:
+            return await run()
+        got = await self.cache.fetch(
+            "tool", Scope(tenant), {"tool": spec.definition(), "arguments": arguments}, run,
+            encode=lambda r: r[1].encode(), decode=lambda raw: (True, raw.decode()),
+            cacheable=lambda r: r[0], ttl_s=ttl,
+        )  # fmt: skip
+        assert got.value is not None
+        return got.value
 
     async def _dispatch(
         self, spec: ToolSpec, arguments: dict[str, Any], memory_search: MemorySearch
@@ -572,7 +596,9 @@ class Tooling:
         self.executor.skills = registry
 
     @classmethod
-    def from_settings(cls, settings: Any, mcp: MCPConnections | None = None) -> Tooling:
+    def from_settings(
+        cls, settings: Any, mcp: MCPConnections | None = None, cache: Cache | None = None
+    ) -> Tooling:
         policy = ToolPolicy(settings.tools_allow)
         return cls(
             registry=ToolRegistry(memory_tool=settings.memory_tool),
@@ -582,6 +608,7 @@ class Tooling:
                 policy,
                 timeout_s=settings.tool_timeout_s,
                 max_chars=settings.tool_result_max_chars,
+                cache=cache,
             ),
             max_steps=settings.agent_max_steps,
             event_max_chars=settings.tool_event_max_chars,

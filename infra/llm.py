@@ -327,6 +327,12 @@ class LLMClient(Protocol):
     name: str
     is_dev: bool
 
+    @property
+    def model_label(self) -> str:
+        """Which model answers, as far as this client knows: part of every cache
+        key of what the model wrote (memory/cache.py), so a new model misses."""
+        ...
+
     def stream_chat(
         self,
         messages: Sequence[ChatMessage],
@@ -382,6 +388,10 @@ class LLMBase(ABC):
 
     name: str
     is_dev: bool
+
+    @property
+    def model_label(self) -> str:
+        return self.name
 
     @abstractmethod
     def stream_chat(
@@ -672,12 +682,23 @@ class OpenAICompatibleLLM(LLMBase):
         ok = resp.status_code == 200
         if ok:
             self.router.mark_healthy(replica)
+            if self._model == "default" and replica not in self._served_models:
+                with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
+                    self._served_models[replica] = str(resp.json()["data"][0]["id"])
         else:
             self.router.mark_unhealthy(replica)
         return ok
 
     def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    @property
+    def model_label(self) -> str:
+        """The configured model, else the one the replicas serve (once asked)."""
+        if self._model != "default":
+            return self._model
+        served = sorted(set(self._served_models.values()))
+        return ",".join(served) if served else "default"
 
     async def _model_for(self, replica: str) -> str:
         """The model name to send: the configured one, or the replica's first served model.

@@ -8,9 +8,11 @@ Config (:func:`load_mcp_config`): the common JSON format,
 stdio servers and ``{"mcpServers": {"<name>": {"url": "http://.../mcp", "headers":
 {...}}}}`` for Streamable HTTP servers (the object without the ``mcpServers`` wrapper is
 accepted too). A ``"type"`` key (``stdio``, ``http``, ``streamable-http``) is checked
-against the rest; other keys other tools write (``disabled``, ``cwd``, ...) are
-ignored with a warning. A stdio child gets the SDK's safe default environment (PATH,
-HOME, USER, LOGNAME, SHELL, TERM) plus its ``env``, not the pod's whole environment.
+against the rest; ``"cache": {"<tool>": <ttl_s>}`` (tiermem's own) names the tools
+whose results may be cached, and for how long; other keys other tools write
+(``disabled``, ``cwd``, ...) are ignored with a warning. A stdio child gets the
+SDK's safe default environment (PATH, HOME, USER, LOGNAME, SHELL, TERM) plus its
+``env``, not the pod's whole environment.
 
 Connections (:class:`MCPConnections`). Each server has a supervisor task that opens
 an ``mcp.Client`` (SDK 2.x) over its transport, negotiates the protocol revision
@@ -186,11 +188,15 @@ class MCPServerConfig:
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     url: str | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # tiermem's own key: {"<tool>": <TTL in seconds>} for the tools whose results
+    # may be cached (memory/cache.py). Only these; errors never.
+    cache: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "args", tuple(self.args))
         object.__setattr__(self, "env", _frozen(self.env))
         object.__setattr__(self, "headers", _frozen(self.headers))
+        object.__setattr__(self, "cache", MappingProxyType(dict(self.cache)))
         problem = _name_problem(self.name)
         if problem is not None:
             raise MCPConfigError(f"MCP server {self.name!r}: {problem}")
@@ -254,6 +260,18 @@ def _str_map(value: object, what: str) -> dict[str, str]:
     return dict(value)
 
 
+def _cache_ttls(value: object) -> dict[str, float]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, int | float) and not isinstance(v, bool)
+        and 0 < v <= 30 * 86400
+        for k, v in value.items()
+    ):  # fmt: skip
+        raise ValueError(
+            "'cache' must be an object of tool names to TTLs in seconds (over 0, at most 30 days)"
+        )
+    return {k: float(v) for k, v in value.items()}
+
+
 def _parse_server(name: str, raw: object) -> MCPServerConfig:
     problem = _name_problem(name)
     if problem is not None:
@@ -274,7 +292,8 @@ def _parse_server(name: str, raw: object) -> MCPServerConfig:
     misplaced = sorted(other & raw.keys())
     if misplaced:
         raise ValueError(f"{', '.join(misplaced)} not allowed on a {transport} server")
-    ignored = sorted(raw.keys() - own - {"type"})
+    cache = _cache_ttls(raw.get("cache", {}))
+    ignored = sorted(raw.keys() - own - {"type", "cache"})
     if ignored:
         logger.warning("MCP server %r: ignoring keys %s", name, ", ".join(ignored))
     if transport == "stdio":
@@ -285,12 +304,15 @@ def _parse_server(name: str, raw: object) -> MCPServerConfig:
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise ValueError("'args' must be a list of strings")
         return MCPServerConfig(
-            name=name, command=command, args=tuple(args), env=_str_map(raw.get("env", {}), "env")
-        )
+            name=name, command=command, args=tuple(args), env=_str_map(raw.get("env", {}), "env"),
+            cache=cache,
+        )  # fmt: skip
     url = raw["url"]
     if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
         raise ValueError("'url' must be an http:// or https:// URL")
-    return MCPServerConfig(name=name, url=url, headers=_str_map(raw.get("headers", {}), "headers"))
+    return MCPServerConfig(
+        name=name, url=url, headers=_str_map(raw.get("headers", {}), "headers"), cache=cache
+    )
 
 
 def load_mcp_config(path: Path) -> list[MCPServerConfig]:
@@ -645,6 +667,11 @@ class MCPConnections:
         await self.aclose()
 
     # --- what callers see ---
+
+    def cache_ttl(self, server: str, tool: str) -> float | None:
+        """How long ``tool``'s results may be cached (None: not cacheable)."""
+        s = self._servers.get(server)
+        return s.config.cache.get(tool) if s is not None else None
 
     def tools(self) -> dict[str, tuple[MCPTool, ...]]:
         """The tools of each server listed at least once (kept while it is down)."""

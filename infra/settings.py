@@ -221,6 +221,29 @@ class Settings(BaseSettings):
     prewarm_check_s: float = Field(default=5.0, gt=0)
     prewarm_start_wait_s: float = Field(default=15.0, ge=0)
 
+    # --- caches (memory/cache.py: L1 in-process over L2 Redis) ----------------------
+    # "off" turns every cache off; each kind has its own switch and TTL.
+    cache: Literal["on", "off"] = "on"
+    cache_response: bool = True
+    cache_embedding: bool = True
+    cache_tool: bool = True
+    cache_retrieval: bool = True
+    cache_summary: bool = True
+    cache_response_ttl_s: float = Field(default=3600.0, gt=0)
+    cache_embedding_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    cache_summary_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # How long a retrieval that found nothing is remembered as "empty".
+    cache_empty_ttl_s: float = Field(default=30.0, ge=0)
+    # Only requests at or below this temperature are deterministic enough to cache.
+    cache_max_temperature: float = Field(default=0.3, ge=0)
+    cache_max_entry_bytes: int = Field(default=512 * 1024, ge=1024)
+    cache_l1_entries: int = Field(default=10_000, ge=0)
+    cache_l1_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # Single flight: the lease one computation holds, and how long others wait
+    # for it before computing themselves.
+    cache_lease_s: float = Field(default=30.0, gt=0)
+    cache_wait_s: float = Field(default=30.0, ge=0)
+
     # --- L1 -----------------------------------------------------------------------
     l1_max_sessions: int = Field(default=10_000, ge=1)
     l1_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)

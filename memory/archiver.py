@@ -26,12 +26,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from infra.llm import ChatMessage, LLMClient, LLMError
+from memory.cache import Cache, Scope
 from memory.l2_store import L2Error, L2Store
 from memory.l3_store import L3Store, L3Unavailable, MemoryRecord, batch_id_for
 from memory.metrics import Metrics
 from memory.models import Turn
 from memory.summaries import (
     SUMMARY_PROMPT,
+    SUMMARY_PROMPT_VERSION,
     extractive_summary,
     summary_request,
     transcript,
@@ -80,6 +82,7 @@ class Archiver:
         l3: L3Store,
         llm: LLMClient,
         metrics: Metrics,
+        cache: Cache,
         *,
         threshold: int,
         lease_s: float,
@@ -91,6 +94,7 @@ class Archiver:
         self.l3 = l3
         self.llm = llm
         self.metrics = metrics
+        self.cache = cache
         self.threshold = threshold
         self.lease_s = lease_s
         self.idle_after_s = idle_after_s
@@ -182,10 +186,7 @@ class Archiver:
         if not ignore_backoff and record.next_try_at > time.time():
             return None
         text = transcript(turns)
-        summary = record.summary
-        if not summary:
-            summary = await self._summarise(turns, session, text)
-            await self.l2.save_batch_summary(tenant, session, batch_id, summary)
+        summary = await self._summary_of(tenant, session, batch_id, turns, text)
         # An extractive summary repeats the turns' first sentences: nothing to
         # find in it that the chunks lack, so only a model's summary is indexed.
         # (Decided from the text, so a retried batch writes the same rows.)
@@ -243,10 +244,33 @@ class Archiver:
         )  # fmt: skip
         return ArchiveResult(batch_id, first, last, version, running)
 
-    async def _summarise(self, turns: list[Turn], session: str, text: str) -> str:
+    async def _summary_of(
+        self, tenant: str, session: str, batch_id: str, turns: list[Turn], text: str
+    ) -> str:
+        """The batch's summary, through the cache (per session, so forgotten with
+        it): a batch archived again (a crash after the summary, L3 down) reuses it
+        and never pays the LLM twice. Keyed by batch id, the model and the summary
+        prompt's version; what the LLM failed to answer is not cached (the next
+        attempt asks again)."""
+        answered: list[bool] = []
+
+        async def summarise() -> str:
+            summary, ok = await self._summarise(turns, session, text)
+            answered.append(ok)
+            return summary
+
+        got = await self.cache.fetch(
+            "summary", Scope(tenant, session),
+            {"batch": batch_id, "model": self.llm.model_label, "prompt": SUMMARY_PROMPT_VERSION},
+            summarise, encode=str.encode, decode=bytes.decode, cacheable=lambda _s: all(answered),
+        )  # fmt: skip
+        assert got.value is not None
+        return got.value
+
+    async def _summarise(self, turns: list[Turn], session: str, text: str) -> tuple[str, bool]:
         """The batch's summary: the LLM's, unless it fails or names or numbers
         something the turns do not (``ungrounded_terms``); then an extractive one,
-        which the archive does not index."""
+        which the archive does not index. The flag: the LLM answered."""
         messages: list[ChatMessage] = [
             {"role": "system", "content": SUMMARY_PROMPT},
             {"role": "user", "content": summary_request(text)},
@@ -256,13 +280,13 @@ class Archiver:
         except LLMError as exc:
             log.warning("summary LLM call failed; using an extractive summary: %s", exc)
             self.metrics.errors.labels("summary_llm").inc()
-            return extractive_summary(turns)
+            return extractive_summary(turns), False
         usage = result.usage
         if usage is not None:
             self.metrics.summary_tokens.inc(usage.prompt_tokens + usage.completion_tokens)
         summary = result.text.strip()
         if not summary:
-            return extractive_summary(turns)
+            return extractive_summary(turns), True
         invented = ungrounded_terms(summary, text)
         if invented:
             self.metrics.summaries_rejected.inc()
@@ -270,8 +294,8 @@ class Archiver:
                 "batch summary names or numbers what the turns do not; kept out of L3",
                 extra={"session": session, "terms": invented[:5]},
             )
-            return extractive_summary(turns)
-        return summary
+            return extractive_summary(turns), True
+        return summary, True
 
     # --- sweeper ----------------------------------------------------------------------
     async def sweep_once(self, now: float | None = None) -> int:

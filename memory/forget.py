@@ -63,7 +63,7 @@ class Forgetter:
         cached = 0
         try:
             for session_id in sessions:
-                cached += await self.l2.drop_retrieval_cache(tenant, session_id)
+                cached += await self.l2.drop_cached(tenant, session_id, "retrieval")
         except L2Error as exc:
             raise StorageUnavailable(str(exc)) from exc
         memories = await self.l3.delete_user(tenant, user_id)

@@ -14,11 +14,14 @@ Per-tenant keys (the rate limits, ``RateLimitKeys``) use the hash tag
 | ``tm:{t:s}:turn:<turn_id>`` | string | idempotency record of a turn (index) | turn TTL |
 | ``tm:{t:s}:lease:archive`` | string | archive lease holder | lease length |
 | ``tm:{t:s}:batch:<batch_id>`` | hash | batch outbox record | none until L3 confirms; 1 day |
-| ``tm:{t:s}:rcache`` | hash | retrieval cache | retrieval cache TTL |
 | ``tm:{t:s}:cp:<ns>:<checkpoint_id>`` | string | LangGraph checkpoint record | session TTL |
 | ``tm:{t:s}:cpidx:<ns>`` | zset | checkpoint ids of a namespace (lex order) | session TTL |
 | ``tm:{t:s}:cpw:<ns>:<checkpoint_id>`` | hash | LangGraph pending writes | session TTL |
 | ``tm:{t:s}:cpns`` | set | checkpoint namespaces of the thread | session TTL |
+| ``tm:{t:s}:c:<kind>:<sha256>`` | string | a session's cache entry (memory/cache.py) | by kind |
+| ``tm:c:{t}:<kind>:<sha256>`` | string | a tenant's cache entry | by kind |
+| ``tm:c:shared:<kind>:<sha256>`` | string | a cache entry of every tenant (embeddings) | by kind |
+| ``<cache entry key>:lease`` | string | single-flight lease of that entry | lease length |
 | ``tm:rl:{t}:turns`` | zset | turns a tenant started in the last 60 s | 61 s |
 | ``tm:rl:{t}:streams`` | zset | a tenant's running streams, by lease deadline | 2 x lease |
 """
@@ -87,10 +90,6 @@ class SessionKeys:
     @property
     def archive_lease(self) -> str:
         return f"{self.base}:lease:archive"
-
-    @property
-    def rcache(self) -> str:
-        return f"{self.base}:rcache"
 
     @property
     def cp_namespaces(self) -> str:
@@ -175,3 +174,28 @@ def thread_of_meta_key(key: str) -> tuple[str, str] | None:
         return split_thread_id(key[len(PREFIX) + 2 : -len("}:meta")])
     except InvalidId:
         return None
+
+
+class CacheKeys:
+    """Keys of the cache layer (memory/cache.py): a session's entries share its
+    hash tag (deleted with it), a tenant's entries the tenant's."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, tenant: str | None, session: str | None = None) -> None:
+        if tenant is None:
+            # Shared by every tenant (embeddings): no hash tag, so a cluster
+            # spreads the entries over all its slots.
+            self.base = f"{PREFIX}:c:shared"
+        elif session is None:
+            self.base = f"{PREFIX}:c:{{{validate_id(tenant, 'tenant')}}}"
+        else:
+            validate_id(tenant, "tenant")
+            self.base = f"{PREFIX}:{{{tenant}:{validate_id(session, 'session_id')}}}:c"
+
+    def entry(self, kind: str, digest: str) -> str:
+        return f"{self.base}:{kind}:{digest}"
+
+    @staticmethod
+    def lease_of(entry: str) -> str:
+        return f"{entry}:lease"

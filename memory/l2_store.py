@@ -10,7 +10,6 @@ stale L1 can never overwrite newer state.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from memory import l2_scripts
 from memory.keys import (
     INVALIDATION_CHANNEL,
     META_SCAN_PATTERN,
+    CacheKeys,
     SessionKeys,
     TenantKeys,
     split_thread_id,
@@ -123,7 +123,6 @@ class BatchRecord:
     last: int
     attempts: int
     next_try_at: float
-    summary: str | None
 
 
 def _flat_to_dict(flat: list[Any]) -> dict[str, str]:
@@ -142,7 +141,6 @@ class L2Store:
         *,
         session_ttl_s: int,
         turn_record_ttl_s: int,
-        retrieval_cache_ttl_s: int = 300,
         checkpoints_kept: int = 2,
         metrics: Metrics | None = None,
         ack: AckMode = "primary",
@@ -165,7 +163,6 @@ class L2Store:
         self.ack_replicas = ack_replicas
         self.session_ttl_s = session_ttl_s
         self.turn_record_ttl_s = turn_record_ttl_s
-        self.retrieval_cache_ttl_s = retrieval_cache_ttl_s
         self.checkpoints_kept = max(1, checkpoints_kept)
         self._load = redis.register_script(l2_scripts.LOAD)
         self._commit = redis.register_script(l2_scripts.COMMIT)
@@ -507,12 +504,22 @@ class L2Store:
         except REDIS_ERRORS as exc:
             raise L2Error(f"redis: {exc}") from exc
 
-    async def drop_retrieval_cache(self, tenant: str, session_id: str) -> int:
+    async def drop_cached(self, tenant: str, session_id: str, kind: str) -> int:
+        """Deletes the session's cache entries of one kind (memory/cache.py); returns
+        how many. A SCAN of the keyspace: for forgetting, which is rare."""
+        pattern = f"{_glob_escape(CacheKeys(tenant, session_id).base)}:{kind}:*"
         self._round_trips.inc()
         try:
-            return int(await self.redis.delete(SessionKeys(tenant, session_id).rcache))
+            keys = {key async for key in scan_keys(self.redis, pattern)}
+            # One slot per session: each key its own DEL is cluster-safe.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.delete(key)
+                deleted = await pipe.execute() if keys else []
         except REDIS_ERRORS as exc:
             raise L2Error(f"redis: {exc}") from exc
+        return sum(int(n) for key, n in zip(keys, deleted, strict=True)
+                   if not key.endswith(b":lease"))  # fmt: skip
 
     # --- archive ------------------------------------------------------------------
     async def acquire_lease(self, tenant: str, session_id: str, holder: str, ttl_s: float) -> bool:
@@ -558,16 +565,6 @@ class L2Store:
                 k.batch(batch_id),
                 mapping={"attempts": attempts, "next_try_at": repr(next_try_at)},
             )
-        except REDIS_ERRORS as exc:
-            raise L2Error(f"redis: {exc}") from exc
-
-    async def save_batch_summary(
-        self, tenant: str, session_id: str, batch_id: str, summary: str
-    ) -> None:
-        """Keeps a batch's summary so a retry after a crash spends no LLM tokens."""
-        k = SessionKeys(tenant, session_id)
-        try:
-            await self.redis.hset(k.batch(batch_id), "summary", summary)
         except REDIS_ERRORS as exc:
             raise L2Error(f"redis: {exc}") from exc
 
@@ -623,46 +620,6 @@ class L2Store:
                 },
             )
 
-    # --- retrieval cache ---------------------------------------------------------
-    @staticmethod
-    def _cache_field(user_id: str, query: str, k: int, generation: str) -> str:
-        h = hashlib.sha256(f"{user_id}\0{k}\0{generation}\0{query}".encode()).hexdigest()
-        return h[:32]
-
-    async def cached_retrieval(
-        self, tenant: str, session_id: str, user_id: str, query: str, k: int, generation: str
-    ) -> list[dict[str, Any]] | None:
-        keys = SessionKeys(tenant, session_id)
-        self._round_trips.inc()
-        try:
-            raw = await self.redis.hget(
-                keys.rcache, self._cache_field(user_id, query, k, generation)
-            )
-        except REDIS_ERRORS:
-            return None  # a cache miss, never an error
-        return orjson.loads(raw) if raw else None
-
-    async def store_retrieval(
-        self,
-        tenant: str,
-        session_id: str,
-        user_id: str,
-        query: str,
-        k: int,
-        generation: str,
-        hits: list[dict[str, Any]],
-    ) -> None:
-        keys = SessionKeys(tenant, session_id)
-        field = self._cache_field(user_id, query, k, generation)
-        self._round_trips.inc()
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(keys.rcache, field, orjson.dumps(hits))
-                pipe.expire(keys.rcache, self.retrieval_cache_ttl_s)
-                await pipe.execute()
-        except REDIS_ERRORS:
-            pass  # the cache is an optimisation; the turn goes on without it
-
 
 def _batch(batch_id: str, flat: list[Any]) -> BatchRecord | None:
     if not flat:
@@ -675,7 +632,6 @@ def _batch(batch_id: str, flat: list[Any]) -> BatchRecord | None:
         last=int(d.get("last", "0")),
         attempts=int(d.get("attempts", "0")),
         next_try_at=float(d.get("next_try_at", "0") or 0),
-        summary=d.get("summary"),
     )
 
 

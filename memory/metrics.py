@@ -135,3 +135,29 @@ class Metrics:
             ["source", "outcome"],
             registry=r,
         )
+        # The cache layer (memory/cache.py): cache is response, embedding, tool,
+        # retrieval or summary.
+        self.cache_hits = Counter(
+            "tiermem_cache_hits",
+            "Cache lookups answered from a cache, by cache and tier (l1, l2, or flight: "
+            "another caller's computation, shared)",
+            ["cache", "tier"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "tiermem_cache_misses", "Cache lookups computed here, by cache", ["cache"], registry=r
+        )
+        self.cache_bypass = Counter(
+            "tiermem_cache_bypass",
+            "Lookups or writes that skipped the cache, by cache and reason (off, kind_off, "
+            "no_cache, nondeterministic, side_effects, too_large, ...)",
+            ["cache", "reason"],
+            registry=r,
+        )
+        self.cache_waits = Counter(
+            "tiermem_cache_singleflight_waits",
+            "Misses that waited for another caller's computation of the same key, by "
+            "where it ran (process, pod)",
+            ["cache", "where"],
+            registry=r,
+        )

@@ -105,6 +105,8 @@ from graph.guard import InputRejected, check_message
 from graph.state import TurnControl, TurnInput
 from infra.errors import TiermemError
 from infra.llm import ChatMessage, LLMDone, LLMError, LLMToken, ToolChoice
+from memory import response_cache
+from memory.cache import Scope
 from memory.keys import InvalidId, validate_id
 from memory.l2_store import L2Error
 from memory.models import SessionState, Turn
@@ -416,7 +418,10 @@ async def chat_completions(
     _check_model(services, body.model)
     session_id, user_id, turn_id = _identity(request, body)
     if session_id is None:
-        return await _stateless(services, limiter, tenant, body, data, turn_id is not None)
+        no_cache = "no-cache" in request.headers.get("cache-control", "").lower()
+        return await _stateless(
+            services, limiter, tenant, body, data, turn_id is not None, no_cache
+        )
     if user_id is None:
         raise OpenAIError(
             400, "user_required",
@@ -819,9 +824,12 @@ async def _stateless(
     body: ChatCompletionRequest,
     data: dict[str, Any],
     turn_id_sent: bool,
+    no_cache: bool,
 ) -> Response:
     """The client's messages and tools to the LLM as they are; nothing stored
-    (so a turn id means nothing here: it is named as ignored)."""
+    but, for a deterministic request, the reply in the response cache
+    (memory/response_cache.py; ``X-Tiermem-Cache`` says hit, miss or bypass). A
+    turn id means nothing here: it is named as ignored."""
     limit = services.settings.max_message_chars
     for i, m in enumerate(body.messages):
         text = _text(m, i, session=False)
@@ -848,9 +856,19 @@ async def _stateless(
         "tool_choice": cast("ToolChoice | None", body.tool_choice),
         "temperature": body.temperature,
     }
+    reason = services.cache.bypassed(
+        "response",
+        response_cache.bypass_reason(data, services.settings.cache_max_temperature,
+                                     no_cache=no_cache),
+    )  # fmt: skip
+    plan = None
+    if reason is None:
+        parts = response_cache.key_parts(data, body.model, services.llm.model_label)
+        plan = _CachePlan(Scope(tenant), parts)
     task = spawn_in_flight(
-        services, control, lease, lambda: _proxy(services, messages, key, options, control, queue)
-    )
+        services, control, lease,
+        lambda: _proxy(services, messages, key, options, control, queue, plan),
+    )  # fmt: skip
     headers = {"X-Tiermem-Ignored": ", ".join(ignored)} if ignored else {}
     reply = _ProxyReply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model)
     events = queued_events(queue, services.settings.heartbeat_s)
@@ -861,15 +879,31 @@ async def _stateless(
         finally:
             if not task.done():
                 control.stop("client_disconnected")
-        return reply.response(headers)
+        return reply.response({**headers, "X-Tiermem-Cache": _outcome(plan)})
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     first = await _preface(events, reply.take)
+    # Known by now: the first text came from the cache or from the model.
+    headers["X-Tiermem-Cache"] = _outcome(plan)
     if reply.failed is not None and not reply.parts:
         return reply.response(headers)
     return StreamingResponse(
         _proxy_stream(first, events, reply, control, task, include_usage),
         media_type="text/event-stream", headers={**SSE_HEADERS, **headers},
     )  # fmt: skip
+
+
+@dataclass
+class _CachePlan:
+    """A request the response cache may answer: its key, and what it did."""
+
+    scope: Scope
+    parts: dict[str, Any]
+    outcome: Literal["hit", "miss", "pending"] = "pending"
+
+
+def _outcome(plan: _CachePlan | None) -> str:
+    # "pending": it failed before the cache or the model gave anything.
+    return "bypass" if plan is None else plan.outcome if plan.outcome != "pending" else "miss"
 
 
 async def _proxy(
@@ -879,15 +913,40 @@ async def _proxy(
     options: dict[str, Any],
     control: TurnControl,
     queue: asyncio.Queue[Any],
+    plan: _CachePlan | None = None,
 ) -> None:
     """The LLM's events onto ``queue`` (an exception when it fails), then None;
     stopped by ``control`` (client gone, drain deadline), which closes the
-    upstream request."""
+    upstream request. With a ``plan``, through the response cache: a hit is the
+    stored reply replayed; a miss streams live while it is recorded, and a
+    reply that ended normally is stored (one LLM call for concurrent equal
+    requests: the others wait for it, then replay it)."""
 
-    async def consume() -> None:
+    async def live() -> response_cache.RecordedReply:
+        if plan is not None:
+            plan.outcome = "miss"
+        recorded = response_cache.RecordedReply()
         stream = services.llm.stream_chat(messages, session_key=key, **options)
         async with contextlib.aclosing(stream):
             async for event in stream:
+                recorded.add(event)
+                queue.put_nowait(event)
+        return recorded
+
+    async def consume() -> None:
+        if plan is None:
+            await live()
+            return
+        got = await services.cache.fetch(
+            "response", plan.scope, plan.parts, live,
+            encode=response_cache.RecordedReply.encode,
+            decode=response_cache.RecordedReply.decode,
+            cacheable=response_cache.RecordedReply.cacheable,
+        )  # fmt: skip
+        if got.outcome == "hit":
+            plan.outcome = "hit"
+            assert got.value is not None
+            for event in got.value.events():
                 queue.put_nowait(event)
 
     work = asyncio.ensure_future(consume())
@@ -1010,7 +1069,9 @@ async def _proxy_stream(
                 yield _sse({**reply.chunk({}), "choices": [], "usage": reply.usage()})
         yield DONE
     finally:
-        stop_if_running(task, control)
+        # A reply that ended is left to finish: what remains is its cache write.
+        if reply.done is None or reply.failed is not None:
+            stop_if_running(task, control)
 
 
 # --- shared: framing and the event queue ----------------------------------------------

@@ -142,8 +142,8 @@ async def test_forgetting_a_session_removes_it_everywhere_once(
     assert late.final.data["error"]["code"] == "session_forgotten"
     # The refused turn stored nothing (its retrieval may have cached what it
     # found elsewhere, under the short cache TTL).
-    left = {k.rsplit(":", 1)[-1] for k in await session_keys(redis_url, sid)}
-    assert left <= {"forgotten", "rcache"} and "forgotten" in left
+    left = {k.split("}:", 1)[1].rsplit(":", 1)[0] for k in await session_keys(redis_url, sid)}
+    assert left <= {"forgotten", "c:retrieval"} and "forgotten" in left
 
 
 async def test_forgetting_memories_keeps_the_sessions(app: AppServer) -> None:

@@ -78,6 +78,10 @@ class RecordingLLM:
         self.is_dev = inner.is_dev
         self.summaries: list[str] = []
 
+    @property
+    def model_label(self) -> str:
+        return self.inner.model_label
+
     def stream_chat(self, messages: Sequence[ChatMessage], **kw: Any) -> Any:
         return self.inner.stream_chat(messages, **kw)
 

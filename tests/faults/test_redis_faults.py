@@ -548,7 +548,8 @@ async def test_every_key_has_a_ttl_except_unconfirmed_batches(
         await client.aclose()
 
     assert crashed, "the archive crash was never injected"
-    expected = {"meta", "log", "turn", "batch", "rcache", "cp", "cpidx", "cpns", "cpw"}
+    # "c": the session's cache entries (its retrievals).
+    expected = {"meta", "log", "turn", "batch", "c", "cp", "cpidx", "cpns", "cpw"}
     assert expected <= kinds, f"the run never wrote {expected - kinds}"
     assert mid_offenders == [], "keys without a TTL:\n" + "\n".join(mid_offenders)
     assert [key_kind(k) for k in mid_allowed] == ["batch"] and crashed[0] in mid_allowed[0]

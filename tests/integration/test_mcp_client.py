@@ -150,7 +150,7 @@ def test_config_common_format(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
                         "url": "https://example.test/mcp",
                         "headers": {"Authorization": "Bearer t"},
                     },
-                    "plain": {"command": "srv", "disabled": False},
+                    "plain": {"command": "srv", "disabled": False, "cache": {"get": 60}},
                 }
             }
         )
@@ -165,6 +165,7 @@ def test_config_common_format(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     assert (web.name, web.transport, web.url) == ("web-1", "http", "https://example.test/mcp")
     assert dict(web.headers) == {"Authorization": "Bearer t"} and web.command is None
     assert plain.args == () and dict(plain.env) == {}
+    assert dict(plain.cache) == {"get": 60.0} and dict(files.cache) == {}
 
     path.write_text(json.dumps({"solo": {"url": "http://127.0.0.1:1/mcp"}}))  # no wrapper
     assert [c.name for c in load_mcp_config(path)] == ["solo"]
@@ -193,6 +194,10 @@ def test_config_common_format(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
         ('{"s": {"url": "http://h/mcp", "headers": ["x"]}}', "s", "'headers'"),
         ('{"s": {"url": "http://h/mcp", "type": "stdio"}}', "s", "'type'"),
         ('{"s": {"url": "http://h/sse", "type": "sse"}}', "s", "SSE"),
+        ('{"s": {"command": "x", "cache": ["get"]}}', "s", "'cache'"),
+        ('{"s": {"command": "x", "cache": {"get": 0}}}', "s", "'cache'"),
+        ('{"s": {"command": "x", "cache": {"get": true}}}', "s", "'cache'"),
+        ('{"s": {"url": "http://h/mcp", "cache": {"get": "60"}}}', "s", "'cache'"),
         ('{"a__b": {"command": "x"}}', "a__b", "'__'"),
         ('{"a b": {"command": "x"}}', "a b", "letters"),
         ('{"": {"command": "x"}}', "", "letters"),

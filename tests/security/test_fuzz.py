@@ -109,10 +109,13 @@ def _invalid_utf8(body: bytes) -> bool:
 
 
 def _in_namespace(key: bytes, tenant: str) -> bool:
-    """A session key, a rate-limit key or a session-index key of ``tenant``."""
+    """A session key, a rate-limit key, a session-index key or a cache entry of
+    ``tenant``, or an embedding cache entry (shared: a vector by text hash, no
+    tenant's data, memory/embedding_cache.py)."""
     return key.startswith(
         (f"tm:{{{tenant}:".encode(), f"tm:rl:{{{tenant}}}:".encode(),
-         f"tm:idx:{{{tenant}}}:".encode())
+         f"tm:idx:{{{tenant}}}:".encode(), f"tm:c:{{{tenant}}}:".encode(),
+         b"tm:c:shared:embedding:")
     )  # fmt: skip
 
 
