@@ -230,7 +230,9 @@ class Settings(BaseSettings):
     cache_retrieval: bool = True
     cache_summary: bool = True
     cache_response_ttl_s: float = Field(default=3600.0, gt=0)
-    cache_embedding_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # A day: archived pieces are embedded once (a retried archive is the reuse),
+    # queries repeat within hours; each entry is about 1.6 KB of Redis at 384 dims.
+    cache_embedding_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     cache_summary_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     # How long a retrieval that found nothing is remembered as "empty".
     cache_empty_ttl_s: float = Field(default=30.0, ge=0)

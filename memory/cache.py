@@ -291,12 +291,19 @@ class Cache:
             # (one turn at a time, one archiver by its own lease): no pod to
             # race, so no lease round trips on the turn's path.
             leased = scope.session_id is None and await self._lease(key)
-            if scope.session_id is None and not leased:
+            theirs = None
+            if leased:
+                # Another pod may have stored it and let the lease go between
+                # this pod's read and its lease: read once more (a miss is
+                # about to pay for a computation; this is one round trip).
+                again = await self._read(key, scope)
+                theirs = again[0] if again is not None else None
+            elif scope.session_id is None:
                 theirs = await self._wait_for(name, key, scope)
-                if theirs is not None:
-                    self.metrics.cache_hits.labels(name, "flight").inc()
-                    future.set_result(theirs)
-                    return Cached(None if theirs == _EMPTY else decode(theirs), "hit", "flight")
+            if theirs is not None:
+                self.metrics.cache_hits.labels(name, "flight").inc()
+                future.set_result(theirs)
+                return Cached(None if theirs == _EMPTY else decode(theirs), "hit", "flight")
             self.metrics.cache_misses.labels(name).inc()
             value = await compute()
             stored: bytes | None = None

@@ -39,7 +39,7 @@ from infra.embeddings import HashingEmbedder
 from infra.milvus import AsyncMilvus
 from infra.settings import Settings
 from memory.archiver import BACKOFF_BASE_S
-from memory.keys import SessionKeys
+from memory.keys import CacheKeys, SessionKeys
 from memory.l2_store import BatchRecord
 from memory.l3_store import L3Store, MemoryRecord, batch_id_for
 from memory.models import SessionState
@@ -188,6 +188,15 @@ async def _outbox(redis_url: str, session: str) -> dict[str, dict[str, str]]:
         await r.aclose()
 
 
+async def _summaries_cached(redis_url: str, session: str) -> int:
+    r = aioredis.from_url(redis_url)
+    try:
+        pattern = f"{CacheKeys(TENANT, session).base}:summary:*"
+        return len([k async for k in r.scan_iter(match=pattern)])
+    finally:
+        await r.aclose()
+
+
 async def _wait_archiver_idle(app: AppServer, limit_s: float = 15.0) -> None:
     for _ in range(int(limit_s / 0.02)):
         if not app.services.archiver.pending_tasks:
@@ -277,7 +286,9 @@ async def test_milvus_unreachable_batches_wait_in_l2_then_drain(
                 assert outbox[waiting]["ttl"] == "-1"
                 assert int(outbox[waiting]["attempts"]) >= 1
                 assert float(outbox[waiting]["next_try_at"]) > failed_at
-                assert outbox[waiting]["summary"]
+                # Its summary waits in the summary cache (memory/cache.py), beside
+                # the archived batch 1..4's.
+                assert await _summaries_cached(redis_url, s) == 2
                 assert batch_id_for(TENANT, s, 9, 12) not in outbox  # cut from the cursor
             # Nothing reached Milvus meanwhile (read past the proxy).
             for s in sessions:
@@ -295,6 +306,11 @@ async def test_milvus_unreachable_batches_wait_in_l2_then_drain(
                     assert after.attempts == before.attempts + 1
                     expected = BACKOFF_BASE_S * 2 ** (after.attempts - 1)
                     assert expected - 0.05 <= after.next_try_at - called <= expected + 1.0
+            # Every forced attempt took the summary from the cache, not the LLM.
+            hits = svc.metrics.registry.get_sample_value(
+                "tiermem_cache_hits_total", {"cache": "summary", "tier": "l2"}
+            )
+            assert hits is not None and hits >= 2 * len(sessions)
             # ... and the sweeper respects it: no attempt before next_try_at.
             attempts = {s: (await _record(app, s, 5, 8)).attempts for s in sessions}
             assert await svc.archiver.sweep_once() == 0
