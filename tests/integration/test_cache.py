@@ -58,11 +58,11 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(f"tiermem_{name}_total", labels) or 0.0
 
 
-async def wait_until(cond: Callable[[], bool], what: str, timeout: float = WAIT_FOR_S) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_until(cond: Callable[[], bool], what: str, within_s: float = WAIT_FOR_S) -> None:
+    deadline = time.monotonic() + within_s
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what} after {timeout} s")
+            raise AssertionError(f"gave up waiting for {what} after {within_s} s")
         await asyncio.sleep(0.005)
 
 
