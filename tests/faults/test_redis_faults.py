@@ -353,9 +353,11 @@ async def test_full_redis_fails_turns_cleanly_and_stores_only_what_it_acknowledg
     server = redis_factory(
         "redis", extra_args=["--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "noeviction"]
     )
+    # No caches: their entries expire by TTL (a retrieval's empty marker after
+    # 30 s), and the memory that frees would let a turn into a "full" Redis.
     settings = make_settings(
         tmp_path, server.url, llm_url=fault_llm.base_url, archive_threshold=100,
-        redis_socket_timeout_s=1.0, commit_deadline_s=1.0,
+        redis_socket_timeout_s=1.0, commit_deadline_s=1.0, cache="off",
     )  # fmt: skip
     deadline = settings.commit_deadline_s + settings.redis_socket_timeout_s + SLACK_S
     names = session_names("oom", 4)

@@ -175,7 +175,15 @@ async def test_miss_then_l1_then_l2_on_another_pod(make_pod: PodFactory, any_red
 async def test_session_entries_never_enter_l1(make_pod: PodFactory, any_redis: RedisLike):
     a = make_pod()
     t, s = tenant(), f"s{uuid.uuid4().hex[:12]}"
-    scope, key_parts, compute = Scope(t, s), parts(), Compute([1, 2, 3])
+    scope, key_parts = Scope(t, s), parts()
+    key = a.cache.key("retrieval", scope, key_parts)
+    assert key.startswith(f"tm:{{{t}:{s}}}:c:retrieval:")
+
+    async def no_lease_taken() -> None:
+        # Only the pod holding the session computes its entries: no lease round trip.
+        assert await any_redis.exists(CacheKeys.lease_of(key)) == 0
+
+    compute = Compute([1, 2, 3], before=no_lease_taken)
 
     assert (await a.fetch(scope, key_parts, compute, name="retrieval")).outcome == "miss"
     for _ in range(2):
@@ -187,7 +195,7 @@ async def test_session_entries_never_enter_l1(make_pod: PodFactory, any_redis: R
 
     # Deleting the session's keys (what forgetting it does) deletes the entry on
     # every pod at once: no L1 copy answers afterwards.
-    assert await any_redis.delete(a.cache.key("retrieval", scope, key_parts)) == 1
+    assert await any_redis.delete(key) == 1
     assert (await a.fetch(scope, key_parts, compute, name="retrieval")).outcome == "miss"
     assert compute.calls == 2
 
@@ -316,8 +324,9 @@ async def test_lease_taken_between_read_and_lease(make_pod: PodFactory) -> None:
     assert (await a.fetch(scope, key_parts, compute)).outcome == "miss"
     done.set()
     got = await late
-    assert (got.value, got.outcome) == ("once", "hit")
+    assert (got.value, got.outcome, got.tier) == ("once", "hit", "flight")
     assert compute.calls == 1
+    assert (b.misses(), b.hits("flight")) == (0, 1)
 
 
 @pytest.mark.parametrize("failure", ["raises", "uncacheable"])
