@@ -49,7 +49,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -331,67 +331,23 @@ class Cache:
         for what L1 lacks; None when the cache is not used (off, or Redis down)."""
         if self.bypassed(name) is not None:
             return None
-        keys = [self.key(name, scope, p) for p in parts]
-        now = time.monotonic()
-        out: list[bytes | None] = [None] * len(keys)
-        missing: list[int] = []
-        for i, key in enumerate(keys):
-            raw = self.l1.get(key, now) if scope.session_id is None else None
-            if raw is None:
-                missing.append(i)
-            else:
-                out[i] = raw
-        hits_l1 = len(keys) - len(missing)
-        if missing:
-            try:
-                pipe = self.redis.pipeline(transaction=False)
-                for i in missing:
-                    pipe.get(keys[i])
-                    pipe.pttl(keys[i])
-                replies = await pipe.execute()
-            except REDIS_ERRORS as exc:
-                log.debug("cache read skipped: %s", exc)
-                return None
-            for n, i in enumerate(missing):
-                value, pttl = replies[2 * n], replies[2 * n + 1]
-                if value is None:
-                    continue
-                out[i] = raw = bytes(value)
-                if scope.session_id is None and isinstance(pttl, int) and pttl > 0:
-                    self.l1.put(keys[i], raw, now + pttl / 1000)
-        found_l2 = sum(1 for i in missing if out[i] is not None)
-        if hits_l1:
-            self.metrics.cache_hits.labels(name, "l1").inc(hits_l1)
-        if found_l2:
-            self.metrics.cache_hits.labels(name, "l2").inc(found_l2)
-        if len(missing) - found_l2:
-            self.metrics.cache_misses.labels(name).inc(len(missing) - found_l2)
-        return out
+        found = await self._read_many([self.key(name, scope, p) for p in parts], scope)
+        if found is None:
+            return None
+        for tier in ("l1", "l2"):
+            n = sum(1 for f in found if f is not None and f[1] == tier)
+            if n:
+                self.metrics.cache_hits.labels(name, tier).inc(n)
+        if missed := sum(1 for f in found if f is None):
+            self.metrics.cache_misses.labels(name).inc(missed)
+        return [f[0] if f is not None else None for f in found]
 
     async def put_many(self, name: CacheName, scope: Scope, items: list[tuple[Any, bytes]]) -> int:
         """Stores many entries in one round trip; returns how many were stored."""
         if not items or self.bypass_reason(name) is not None:
             return 0
-        policy = self.policies[name]
-        now = time.monotonic()
-        kept: list[tuple[str, bytes, float]] = []
-        for parts, raw in items:
-            if len(raw) > policy.max_entry_bytes:
-                self.metrics.cache_bypass.labels(name, "too_large").inc()
-                continue
-            kept.append((self.key(name, scope, parts), raw, jittered(policy.ttl_s)))
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            for key, raw, ttl in kept:
-                pipe.set(key, raw, px=max(1, int(ttl * 1000)))
-            await pipe.execute()
-        except REDIS_ERRORS as exc:
-            log.debug("cache write skipped: %s", exc)
-            return 0
-        if scope.session_id is None:
-            for key, raw, ttl in kept:
-                self.l1.put(key, raw, now + ttl)
-        return len(kept)
+        entries = [(self.key(name, scope, parts), raw, None) for parts, raw in items]
+        return sum(await self._write_many(name, scope, entries))
 
     def clear_l1(self) -> int:
         """Empties this process's L1; returns how many entries it held."""
@@ -401,46 +357,86 @@ class Cache:
 
     # --- internals -----------------------------------------------------------------
     async def _read(self, key: str, scope: Scope) -> tuple[bytes, Literal["l1", "l2"]] | None:
+        found = await self._read_many([key], scope)
+        return found[0] if found is not None else None
+
+    async def _read_many(
+        self, keys: list[str], scope: Scope
+    ) -> list[tuple[bytes, Literal["l1", "l2"]] | None] | None:
+        """Each key's raw value and the tier it came from (None: missed): L1 first
+        (tenant entries only), then one pipeline for the rest, whose answers join
+        L1 for what remains of their TTL. None when Redis did not answer."""
         now = time.monotonic()
-        if scope.session_id is None:
-            raw = self.l1.get(key, now)
-            if raw is not None:
-                return raw, "l1"
+        in_l1 = scope.session_id is None
+        out: list[tuple[bytes, Literal["l1", "l2"]] | None] = [None] * len(keys)
+        missing: list[int] = []
+        for i, key in enumerate(keys):
+            raw = self.l1.get(key, now) if in_l1 else None
+            if raw is None:
+                missing.append(i)
+            else:
+                out[i] = (raw, "l1")
+        if not missing:
+            return out
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.get(key)
-            pipe.pttl(key)
-            value, pttl = await pipe.execute()
+            for i in missing:
+                pipe.get(keys[i])
+                pipe.pttl(keys[i])
+            replies = await pipe.execute()
         except REDIS_ERRORS as exc:
             log.debug("cache read skipped: %s", exc)
             return None
-        if value is None:
-            return None
-        if scope.session_id is None and isinstance(pttl, int) and pttl > 0:
-            self.l1.put(key, value, now + pttl / 1000)
-        return bytes(value), "l2"
+        for n, i in enumerate(missing):
+            value, pttl = replies[2 * n], replies[2 * n + 1]
+            if value is None:
+                continue
+            raw = bytes(value)
+            out[i] = (raw, "l2")
+            if in_l1 and isinstance(pttl, int) and pttl > 0:
+                self.l1.put(keys[i], raw, now + pttl / 1000)
+        return out
 
     async def _write(
         self, name: str, key: str, scope: Scope, raw: bytes | None, ttl_s: float | None = None
     ) -> bool:
+        (stored,) = await self._write_many(name, scope, [(key, raw, ttl_s)])
+        return stored
+
+    async def _write_many(
+        self, name: str, scope: Scope, entries: Sequence[tuple[str, bytes | None, float | None]]
+    ) -> list[bool]:
+        """Stores (key, raw, TTL override) entries in one pipeline; per entry,
+        whether it was stored. ``raw`` None is the empty marker (with the kind's
+        empty TTL; not stored where it has none). TTLs are jittered; an entry over
+        the size cap is refused; tenant entries join L1."""
         policy = self.policies[name]
-        if raw is None:
-            if policy.empty_ttl_s <= 0:
-                return False
-            raw, ttl = _EMPTY, jittered(policy.empty_ttl_s)
-        else:
-            if len(raw) > policy.max_entry_bytes:
+        stored = [False] * len(entries)
+        kept: list[tuple[int, str, bytes, float]] = []
+        for i, (key, raw, ttl_s) in enumerate(entries):
+            if raw is None:
+                if policy.empty_ttl_s > 0:
+                    kept.append((i, key, _EMPTY, jittered(policy.empty_ttl_s)))
+            elif len(raw) > policy.max_entry_bytes:
                 self.metrics.cache_bypass.labels(name, "too_large").inc()
-                return False
-            ttl = jittered(ttl_s if ttl_s is not None else policy.ttl_s)
+            else:
+                kept.append((i, key, raw, jittered(ttl_s if ttl_s is not None else policy.ttl_s)))
+        if not kept:
+            return stored
         try:
-            await self.redis.set(key, raw, px=max(1, int(ttl * 1000)))
+            pipe = self.redis.pipeline(transaction=False)
+            for _, key, raw, ttl in kept:
+                pipe.set(key, raw, px=max(1, int(ttl * 1000)))
+            await pipe.execute()
         except REDIS_ERRORS as exc:
             log.debug("cache write skipped: %s", exc)
-            return False
-        if scope.session_id is None:
-            self.l1.put(key, raw, time.monotonic() + ttl)
-        return True
+            return stored
+        now = time.monotonic()
+        for i, key, raw, ttl in kept:
+            stored[i] = True
+            if scope.session_id is None:
+                self.l1.put(key, raw, now + ttl)
+        return stored
 
     async def _lease(self, key: str) -> bool:
         """True: this caller computes (it holds the lease, or Redis cannot say)."""
