@@ -898,12 +898,12 @@ class _CachePlan:
 
     scope: Scope
     parts: dict[str, Any]
-    outcome: Literal["hit", "miss", "pending"] = "pending"
+    # A miss until the cache answers (so also when it fails before anything).
+    outcome: Literal["hit", "miss"] = "miss"
 
 
 def _outcome(plan: _CachePlan | None) -> str:
-    # "pending": it failed before the cache or the model gave anything.
-    return "bypass" if plan is None else plan.outcome if plan.outcome != "pending" else "miss"
+    return "bypass" if plan is None else plan.outcome
 
 
 async def _proxy(
@@ -923,8 +923,6 @@ async def _proxy(
     requests: the others wait for it, then replay it)."""
 
     async def live() -> response_cache.RecordedReply:
-        if plan is not None:
-            plan.outcome = "miss"
         recorded = response_cache.RecordedReply()
         stream = services.llm.stream_chat(messages, session_key=key, **options)
         async with contextlib.aclosing(stream):
