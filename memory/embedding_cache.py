@@ -64,10 +64,10 @@ class CachingEmbedder:
         if todo:
             fresh = await self.inner.embed(list(todo))
             items = []
-            for (text, where), vector in zip(todo.items(), fresh, strict=True):
+            for where, vector in zip(todo.values(), fresh, strict=True):
                 for i in where:
                     out[i] = vector
-                items.append((self._parts(text), np.asarray(vector, dtype=np.float32).tobytes()))
+                items.append((parts[where[0]], np.asarray(vector, dtype=np.float32).tobytes()))
             await self.cache.put_many("embedding", SHARED, items)
         return [v for v in out if v is not None]
 
