@@ -365,7 +365,7 @@ async def test_full_redis_fails_turns_cleanly_and_stores_only_what_it_acknowledg
     direct = aioredis.from_url(server.url)
     try:
         # Messages of ~12 KB, so that a turn's bytes dwarf the few KB Redis's own
-        # client buffers move by, and "room for six turns" means six turns.
+        # client buffers move by, and "room for three turns" means a few turns.
         async with (
             AppServer(settings) as app,
             TurnWorkload(app.url, names, padding=12_000) as workload,
@@ -388,8 +388,10 @@ async def test_full_redis_fails_turns_cleanly_and_stores_only_what_it_acknowledg
                 ready = await c.get(f"{app.url}/readyz")
             assert read.status_code == 200 and read.json()["turn_count"] == 4, read.text
 
-            # A little room: about six turns' worth for sixteen turns.
-            room = int(6 * per_turn)
+            # A little room for sixteen turns: three turns' worth as measured on
+            # turns 3-4. Later turns cost Redis less than those did (here 7-13 KB
+            # against 22-34 KB), so six turns' worth let all sixteen in, at times.
+            room = int(3 * per_turn)
             await direct.config_set("maxmemory", str(await used_memory(direct) + room))
             await workload.run(4)
             squeezed = workload.attempts[-4 * len(names) :]
