@@ -161,9 +161,12 @@ class TenantKeys:
 
 META_SCAN_PATTERN = f"{PREFIX}:{{*}}:meta"
 
-# Pub/sub channel (not a key): every commit publishes "<meta key> <version>" on
-# it, so pods drop stale L1 copies (memory/sessions.py).
+# Pub/sub channel (not a key): every commit publishes "<meta key> <version>
+# <writer pod> <holders...>" on it, so pods drop stale L1 copies, and listed
+# holders answer "ack <writer> <meta key> <version> <holder>" (memory/sessions.py).
 INVALIDATION_CHANNEL = f"{PREFIX}:l1:invalidate"
+# First word of a holder's acknowledgement on that channel (never a meta key).
+ACK_TAG = "ack"
 
 
 def thread_of_meta_key(key: str) -> tuple[str, str] | None:

@@ -7,14 +7,35 @@ interleaving other commands.
 
 from memory.keys import INVALIDATION_CHANNEL
 
-# KEYS: meta, log. ARGV[1]: "context" (turns from context_start) or "unarchived"
-# (turns from min(context_start, archived_upto + 1)).
+# Most pods a session's meta lists as holding an L1 copy (LOAD).
+MAX_HOLDERS = 16
+
+# KEYS: meta, log. ARGV: 1 scope: "context" (turns from context_start) or
+# "unarchived" (turns from min(context_start, archived_upto + 1)); 2 the pod that
+# will hold the session in its L1 ("" for a read that keeps no copy).
 # Returns {meta_flat, turns}; an unknown session returns {{}, {}}.
+# A holder joins the meta's ``holders`` (space-separated pod ids, at most
+# MAX_HOLDERS, oldest dropped): the next commit by another pod waits for each
+# holder's acknowledgement of its invalidation (memory/sessions.py).
 LOAD = """
 local meta = redis.call('HGETALL', KEYS[1])
 if #meta == 0 then return {{}, {}} end
 local m = {}
 for i = 1, #meta, 2 do m[meta[i]] = meta[i + 1] end
+local pod = ARGV[2] or ''
+if pod ~= '' then
+  local held = {}
+  local known = false
+  for h in string.gmatch(m['holders'] or '', '%S+') do
+    if h == pod then known = true end
+    table.insert(held, h)
+  end
+  if not known then
+    table.insert(held, pod)
+    while #held > @MAX_HOLDERS@ do table.remove(held, 1) end
+    redis.call('HSET', KEYS[1], 'holders', table.concat(held, ' '))
+  end
+end
 local base = tonumber(m['log_base'] or '1')
 local from = tonumber(m['context_start'] or '1')
 if ARGV[1] == 'unarchived' then
@@ -24,7 +45,7 @@ end
 local offset = from - base
 if offset < 0 then offset = 0 end
 return {meta, redis.call('LRANGE', KEYS[2], offset, -1)}
-"""
+""".replace("@MAX_HOLDERS@", str(MAX_HOLDERS))
 
 # The one writer of the LangGraph checkpoint layout (see graph/checkpointer.py
 # for the layout): both the turn commit and the checkpointer's aput run it, so
@@ -72,10 +93,13 @@ return 1
 #       "replace": a failed or drained last turn retried in place), 5 session ttl,
 #       6 turn record ttl, 7 checkpoint id ("" for none), 8 checkpoint record,
 #       9 checkpoint ns, 10 checkpoints kept, 11 checkpoint key prefix, 12 writes
-#       key prefix, 13 the turn's user, 14.. meta field/value pairs.
-# Returns {1, new_version} or {0, current_version} on a version conflict, or
-# {-1, turn_count} when the turn index does not fit the log, or {2, index} when a
-# turn with this id is already stored (at most once, even across pods), or
+#       key prefix, 13 the turn's user, 14 the committing pod ("" for none),
+#       15.. meta field/value pairs.
+# Returns {1, new_version, other holders} (the pods whose L1 copies the commit
+# made stale; the committer becomes the only holder) or {0, current_version} on a
+# version conflict, or {-1, turn_count} when the turn index does not fit the log,
+# or {2, index} when a turn with this id is already stored (at most once, even
+# across pods), or
 # {3, 0} when the session belongs to another user (its first turn bound it), or
 # {4, 0} when the session was just forgotten (memory/forget.py).
 COMMIT = (
@@ -104,9 +128,15 @@ redis.call('HSET', KEYS[1], 'version', newv, 'turn_count', idx, 'user_id', ARGV[
 if ARGV[7] ~= '' then
   redis.call('HSET', KEYS[1], 'checkpoint_id', ARGV[7])
 end
-if #ARGV >= 15 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 14, #ARGV))
+if #ARGV >= 16 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 15, #ARGV))
 end
+local others = {}
+for h in string.gmatch(redis.call('HGET', KEYS[1], 'holders') or '', '%S+') do
+  if h ~= ARGV[14] then table.insert(others, h) end
+end
+local others_s = table.concat(others, ' ')
+redis.call('HSET', KEYS[1], 'holders', ARGV[14])
 local ttl = tonumber(ARGV[5])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
@@ -115,10 +145,13 @@ if ARGV[7] ~= '' then
   put_checkpoint(KEYS[4], KEYS[5], KEYS[6], ARGV[7], ARGV[8], ARGV[9], ttl, tonumber(ARGV[10]),
     ARGV[11], ARGV[12])
 end
--- Tell every pod that the session moved to this version (memory/sessions.py
--- drops a stale L1 copy before it builds a prompt from it).
-redis.call('PUBLISH', '@CHANNEL@', KEYS[1] .. ' ' .. newv)
-return {1, newv}
+-- Tell every pod that the session moved to this version, who wrote it and who
+-- held the older one (memory/sessions.py: a stale L1 copy is dropped, and each
+-- listed holder acknowledges, before the writer sends `done`).
+local writer = ARGV[14]
+if writer == '' then writer = '-' end
+redis.call('PUBLISH', '@CHANNEL@', KEYS[1] .. ' ' .. newv .. ' ' .. writer .. ' ' .. others_s)
+return {1, newv, others_s}
 """
 ).replace("@CHANNEL@", INVALIDATION_CHANNEL)
 

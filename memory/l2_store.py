@@ -23,6 +23,7 @@ from infra.errors import Conflict, Misconfigured, Unavailable
 from infra.redis_client import REDIS_ERRORS, RedisLike, on_one_connection, scan_keys
 from memory import l2_scripts
 from memory.keys import (
+    ACK_TAG,
     INVALIDATION_CHANNEL,
     META_SCAN_PATTERN,
     CacheKeys,
@@ -39,6 +40,15 @@ _PING_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, OSError)
 
 # The session index lives this many session TTLs after the tenant's newest session.
 INDEX_TTL_SESSIONS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class CommitOutcome:
+    """A stored commit: the session's new version, and the other pods whose L1
+    copies it made stale (they acknowledge its invalidation)."""
+
+    version: int
+    others: tuple[str, ...] = ()
 
 
 class L2Error(Unavailable):
@@ -190,12 +200,14 @@ class L2Store:
 
     # --- sessions ---------------------------------------------------------------
     async def load(
-        self, tenant: str, session_id: str, *, scope: str = "context"
+        self, tenant: str, session_id: str, *, scope: str = "context", holder: str = ""
     ) -> SessionState | None:
         """The session with the turns of its live context (or its unarchived
-        tail with ``scope="unarchived"``), in one round trip."""
+        tail with ``scope="unarchived"``), in one round trip. ``holder``: the pod
+        that keeps the copy in its L1, listed in the meta's ``holders`` in the
+        same script (the next commit by another pod waits for its ack)."""
         k = SessionKeys(tenant, session_id)
-        meta_flat, raw_turns = await self._run(self._load, [k.meta, k.log], [scope])
+        meta_flat, raw_turns = await self._run(self._load, [k.meta, k.log], [scope, holder])
         if not meta_flat:
             return None
         state = SessionState.from_meta(tenant, session_id, _flat_to_dict(meta_flat))
@@ -224,11 +236,30 @@ class L2Store:
         checkpoint: CheckpointWrite | None = None,
         user_id: str,
     ) -> int:
+        """``commit_held`` by no pod: the new version (benchmarks, tests)."""
+        outcome = await self.commit_held(
+            state, turn, replace_last=replace_last, meta_updates=meta_updates,
+            checkpoint=checkpoint, user_id=user_id, holder="",
+        )  # fmt: skip
+        return outcome.version
+
+    async def commit_held(
+        self,
+        state: SessionState,
+        turn: Turn,
+        *,
+        replace_last: bool = False,
+        meta_updates: dict[str, str] | None = None,
+        checkpoint: CheckpointWrite | None = None,
+        user_id: str,
+        holder: str,
+    ) -> CommitOutcome:
         """Append ``turn`` (or replace the last turn, retried in place) and bump the
-        version, if L2 is still at ``state.version``. Returns the new version;
-        raises VersionConflict otherwise. ``checkpoint`` is written in the same
-        script (``l2_scripts.PUT_CHECKPOINT``'s function), so LangGraph tooling
-        sees every turn at no extra round trip."""
+        version, if L2 is still at ``state.version``. Returns the new version and
+        the other pods that held the session (``holder``, the committing pod, is
+        now its only holder); raises VersionConflict otherwise. ``checkpoint`` is
+        written in the same script (``l2_scripts.PUT_CHECKPOINT``'s function), so
+        LangGraph tooling sees every turn at no extra round trip."""
         k = SessionKeys(state.tenant, state.session_id)
         ns = checkpoint.ns if checkpoint is not None else ""
         fields: list[str] = []
@@ -247,14 +278,14 @@ class L2Store:
                 self.session_ttl_s, self.turn_record_ttl_s,
                 checkpoint.checkpoint_id if checkpoint else "", checkpoint.record if checkpoint
                 else b"", ns, self.checkpoints_kept, k.cp(ns, ""), k.cp_writes(ns, ""), user_id,
-                *fields]  # fmt: skip
+                holder, *fields]  # fmt: skip
         if self.ack == "primary":
             result = await self._run(self._commit, keys, args)
-            ok, value = int(result[0]), int(result[1])
         else:
-            ok, value = await self._commit_durably(keys, args)
+            result = await self._commit_durably(keys, args)
+        ok, value = int(result[0]), int(result[1])
         if ok == 1:
-            return value
+            return CommitOutcome(value, tuple(_s(result[2]).split()))
         if ok == 0:
             raise VersionConflict(value)
         if ok == 2:
@@ -269,10 +300,10 @@ class L2Store:
         # The log does not end where this state thinks: treat as a conflict.
         raise VersionConflict(-1)
 
-    async def _commit_durably(self, keys: list[str], args: list[Any]) -> tuple[int, int]:
+    async def _commit_durably(self, keys: list[str], args: list[Any]) -> list[Any]:
         """The commit script, then the wait for ``self.ack``, on the connection that
         ran the script, in one round trip (``on_one_connection``). Returns the
-        script's (ok, value); raises DurabilityTimeout when the script committed
+        script's reply; raises DurabilityTimeout when the script committed
         but the wait came back short."""
         for _ in range(2):
             self._round_trips.inc()
@@ -292,10 +323,9 @@ class L2Store:
                 continue
             if isinstance(reply, Exception):
                 raise L2Error(f"redis: {reply}")
-            ok, value = int(reply[0]), int(reply[1])
-            if ok == 1:
+            if int(reply[0]) == 1:
                 self._check_wait(waited)
-            return ok, value
+            return list(reply)
         raise L2Error("redis: the commit script could not be loaded")
 
     def _wait_command(self) -> tuple[Any, ...]:
@@ -494,6 +524,18 @@ class L2Store:
         try:
             meta = SessionKeys(tenant, session_id).meta
             await self.redis.publish(INVALIDATION_CHANNEL, f"{meta} {version}")
+        except REDIS_ERRORS as exc:
+            raise L2Error(f"redis: {exc}") from exc
+
+    async def publish_ack(self, writer: str, meta_key: str, version: int, holder: str) -> None:
+        """A holder's acknowledgement that it dropped its copy older than
+        ``version`` (the writer waits for it before `done`). Off the turn path:
+        the holder sends it from its invalidation listener."""
+        self._round_trips.inc()
+        try:
+            await self.redis.publish(
+                INVALIDATION_CHANNEL, f"{ACK_TAG} {writer} {meta_key} {version} {holder}"
+            )
         except REDIS_ERRORS as exc:
             raise L2Error(f"redis: {exc}") from exc
 

@@ -114,6 +114,17 @@ class Metrics:
             ["cause"],
             registry=r,
         )
+        self.l1_handoff_waits = Histogram(
+            "tiermem_l1_handoff_wait_seconds",
+            "How long a commit waited for the other holders' acknowledgements",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.l1_ack_timeouts = Counter(
+            "tiermem_l1_ack_timeouts",
+            "Holders that did not acknowledge an invalidation in time (then suspected)",
+            registry=r,
+        )
         self.stale_prompts = Counter(
             "tiermem_stale_prompts",
             "Replies generated from a context that missed another pod's commit",

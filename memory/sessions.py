@@ -11,6 +11,15 @@ it, goes through ``Sessions``:
   session's lock, or forgets the session when it missed a commit;
 - ``drop``: L1 forgets a session (release, idle eviction, an unknown outcome).
 
+Coherence across pods, with no read on an L1 hit: a load from L2 lists this pod
+among the session's ``holders`` (same script); a commit makes its pod the only
+holder, publishes the new version with the holders it displaced, and returns
+only once each of them has dropped its copy and acknowledged (a sticky session
+has no other holder, so its commit waits for nothing). A holder that does not
+answer within HANDOFF_WAIT_S (dead, cut off) is suspected and not waited for
+until it is heard from again; for it, the compare-and-set still catches a stale
+copy, and the reply is stored marked ``stale_context``.
+
 Nodes of the turn graph orchestrate: they ask the facade, they never patch a
 ``SessionState``. Redis failures surface as ``StorageUnavailable`` once the
 commit deadline is spent, so a short outage still completes the turn.
@@ -21,18 +30,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from infra.errors import Unavailable
-from memory.keys import thread_of_meta_key
+from memory.keys import ACK_TAG, thread_of_meta_key
 from memory.l1_pool import L1Pool
 from memory.l2_store import (
     AlreadyCommitted,
     CheckpointWrite,
+    CommitOutcome,
     DurabilityMisconfigured,
     DurabilityTimeout,
     L2Error,
@@ -49,8 +62,12 @@ FORGOTTEN_VERSION = 2**62
 log = logging.getLogger("tiermem.sessions")
 
 COMMIT_CONFLICT_RETRIES = 5
-# Longest wait for a commit's own invalidation message before `done`.
-ECHO_WAIT_S = 0.05
+# Longest wait for the other holders' acknowledgements before `done`. Only a
+# dead or cut-off pod lets it run out; that pod is then suspected and not
+# waited for again until it is heard from.
+HANDOFF_WAIT_S = 1.0
+# Bound on the suspected pods remembered (pod ids of crashed pods pile up).
+MAX_SUSPECTS = 1024
 
 # Builds the checkpoint a commit writes, once the turn's index and the new
 # version are known (they move when a conflict is retried).
@@ -91,18 +108,21 @@ class Sessions:
         metrics: Metrics,
         *,
         commit_deadline_s: float,
+        pod_id: str | None = None,
     ) -> None:
         self.l1 = l1
         self.l2 = l2
         self.metrics = metrics
         self.commit_deadline_s = commit_deadline_s
-        # A commit of this pod in flight, per session: the version it will
-        # publish, so its own invalidation message is not taken for another's.
-        self._committing: dict[tuple[str, str], int] = {}
-        # This pod's own invalidation messages, awaited before a commit returns
-        # (see commit); ``listening`` says whether the channel is up (set by
-        # the app once it listens).
-        self._echoes: dict[tuple[tuple[str, str], int], asyncio.Future[None]] = {}
+        # Who this process is in a session's ``holders`` (new at every start: a
+        # restarted pod holds nothing).
+        self.pod_id = pod_id or _pod_id()
+        # Commits of this pod in flight, by (session, version they publish):
+        # the acknowledgements heard so far (see _await_handoff).
+        self._handoffs: dict[tuple[tuple[str, str], int], _Handoff] = {}
+        self._suspects: set[str] = set()
+        self._acks: set[asyncio.Task[None]] = set()
+        # Whether the invalidation channel is up (set by the app once it listens).
         self.listening: Callable[[], bool] = lambda: False
         # Sessions check_owner loaded from L2 for a turn about to run: that
         # turn's open() is the L1 miss, not a hit.
@@ -185,8 +205,9 @@ class Sessions:
             raise StorageUnavailable(str(exc)) from exc
 
     async def _load(self, tenant: str, session_id: str) -> SessionState | None:
+        """From L2 into this pod's hands: the load lists this pod as a holder."""
         try:
-            return await self.l2.load(tenant, session_id)
+            return await self.l2.load(tenant, session_id, holder=self.pod_id)
         except L2Error as exc:
             raise StorageUnavailable(str(exc)) from exc
 
@@ -297,17 +318,16 @@ class Sessions:
             )
             turn.index = retry_of if replace and retry_of is not None else session.turn_count + 1
             checkpoint = checkpoint_for(turn.index, session.version + 1, session.checkpoint_id)
-            key = (session.tenant, session.session_id)
-            self._committing[key] = session.version + 1
-            echo: asyncio.Future[None] | None = None
-            echo_key = (key, session.version + 1)
-            if self.listening():
-                echo = asyncio.get_running_loop().create_future()
-                self._echoes[echo_key] = echo
+            handoff_key = ((session.tenant, session.session_id), session.version + 1)
+            # Registered before the commit is sent: a holder's ack can be heard
+            # before this coroutine sees the commit's reply.
+            handoff = _Handoff() if self.listening() else None
+            if handoff is not None:
+                self._handoffs[handoff_key] = handoff
             try:
-                version = await self.l2.commit(
+                outcome = await self.l2.commit_held(
                     session, turn, replace_last=replace, meta_updates=meta,
-                    checkpoint=checkpoint, user_id=user_id,
+                    checkpoint=checkpoint, user_id=user_id, holder=self.pod_id,
                 )  # fmt: skip
             except SessionUserMismatch:
                 # Another pod bound the session to another user meanwhile.
@@ -364,20 +384,40 @@ class Sessions:
             else:
                 if checkpoint is not None:
                     session.checkpoint_id = checkpoint.checkpoint_id
-                if echo is not None:
-                    # Wait for this commit's own invalidation message: Redis
-                    # writes it to every subscribed pod in the same pass, so once
-                    # it is back here the other pods have theirs, and a client
-                    # that sends its next turn to another pod the moment it sees
-                    # `done` finds that pod's copy dropped. A loop turn or two
-                    # normally, never a round trip; bounded if it never comes.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(echo), ECHO_WAIT_S)
-                return version
+                await self._await_handoff(handoff, outcome)
+                return outcome.version
             finally:
-                self._committing.pop(key, None)
-                if echo is not None:
-                    self._echoes.pop(echo_key, None)
+                if handoff is not None:
+                    self._handoffs.pop(handoff_key, None)
+
+    async def _await_handoff(self, handoff: _Handoff | None, outcome: CommitOutcome) -> None:
+        """Returns once every other pod that held the session has dropped its
+        copy and said so, so a client that sends its next turn to one of them the
+        moment it sees `done` finds no stale copy there. Free when this pod was
+        the only holder (a sticky session): no wait, no round trip."""
+        others = [pod for pod in outcome.others if pod not in self._suspects]
+        if not others or handoff is None:
+            # Nobody else held it, or this pod cannot hear acks while its
+            # channel is down (the compare-and-set still catches a stale copy).
+            return
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + HANDOFF_WAIT_S
+        while not handoff.acked.issuperset(others):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            handoff.heard.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(handoff.heard.wait(), remaining)
+        self.metrics.l1_handoff_waits.observe(loop.time() - start)
+        missing = set(others) - handoff.acked
+        if missing:
+            log.warning("no L1 ack from pod(s) %s within %.1f s", sorted(missing), HANDOFF_WAIT_S)
+            self.metrics.l1_ack_timeouts.inc(len(missing))
+            if len(self._suspects) + len(missing) > MAX_SUSPECTS:
+                self._suspects.clear()
+            self._suspects |= missing
 
     async def apply_archive(
         self, tenant: str, session_id: str, version: int, archived_upto: int, summary: str
@@ -409,24 +449,54 @@ class Sessions:
 
     # --- coherence across pods -------------------------------------------------
     def on_invalidation(self, payload: bytes) -> None:
-        """Another writer committed ``<meta key> <version>``: an L1 copy older
-        than that is dropped, so this pod never builds a prompt from it (the
-        next turn reloads from L2). No round trip: the commit script published
-        it to every pod (infra/redis_channel.py listens)."""
-        key_b, _, version_b = payload.rpartition(b" ")
-        thread = thread_of_meta_key(key_b.decode(errors="replace"))
-        if thread is None or not version_b.isdigit():
+        """A message of the invalidation channel (infra/redis_channel.py listens).
+
+        ``<meta key> <version> <writer> <holders...>``: another pod committed.
+        An L1 copy older than ``version`` is dropped, so this pod never builds a
+        prompt from it (the next turn reloads from L2); if this pod is among the
+        holders the commit listed, it acknowledges, and the writer sends `done`
+        only then. A forget publishes ``<meta key> <version>`` alone.
+
+        ``ack <writer> <meta key> <version> <holder>``: a holder's answer to a
+        commit of this pod."""
+        words = payload.decode(errors="replace").split()
+        if len(words) == 5 and words[0] == ACK_TAG:
+            self._on_ack(*words[1:])
             return
-        version = int(version_b)
-        echo = self._echoes.pop((thread, version), None)
-        if echo is not None and not echo.done():
-            echo.set_result(None)
-        if self._committing.get(thread) == version:
+        if len(words) < 2 or not words[1].isdigit():
+            return
+        thread = thread_of_meta_key(words[0])
+        if thread is None:
+            return
+        writer = words[2] if len(words) > 2 else ""
+        if writer == self.pod_id:
             return  # this pod's own commit
+        version = int(words[1])
         state = self.l1.peek(*thread)
         if state is not None and state.version < version:
             self.l1.drop(*thread)
             self.metrics.l1_invalidations.labels("commit").inc()
+        if self.pod_id in words[3:]:
+            task = asyncio.get_running_loop().create_task(self._ack(writer, words[0], version))
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
+
+    def _on_ack(self, writer: str, meta_key: str, version: str, holder: str) -> None:
+        self._suspects.discard(holder)  # heard from: alive
+        thread = thread_of_meta_key(meta_key)
+        if writer != self.pod_id or thread is None or not version.isdigit():
+            return
+        handoff = self._handoffs.get((thread, int(version)))
+        if handoff is not None:
+            handoff.acked.add(holder)
+            handoff.heard.set()
+
+    async def _ack(self, writer: str, meta_key: str, version: int) -> None:
+        try:
+            await self.l2.publish_ack(writer, meta_key, version, self.pod_id)
+        except L2Error as exc:
+            # The writer waits out HANDOFF_WAIT_S and suspects this pod.
+            log.warning("L1 ack to pod %s not sent: %s", writer, exc)
 
     def on_channel_reset(self) -> None:
         """The invalidation channel was (re)subscribed: what was published while
@@ -436,6 +506,16 @@ class Sessions:
             self.metrics.l1_invalidations.labels("channel_reset").inc(n)
 
 
+class _Handoff:
+    """The acknowledgements heard for one commit of this pod."""
+
+    __slots__ = ("acked", "heard")
+
+    def __init__(self) -> None:
+        self.acked: set[str] = set()
+        self.heard = asyncio.Event()
+
+
 def retryable_in_place(turn: Turn) -> bool:
     """A turn that a retry with its turn_id runs again in place: one that failed,
     or one cut short by a drain (the client was told to retry). A turn the client
@@ -443,6 +523,12 @@ def retryable_in_place(turn: Turn) -> bool:
     if turn.status == "failed":
         return True
     return turn.status == "interrupted" and (turn.usage or {}).get("interrupted_by") == "drain"
+
+
+def _pod_id() -> str:
+    """``<host>.<random>``: readable in logs, unique per process start."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:63] or "pod"
+    return f"{host}.{uuid.uuid4().hex[:8]}"
 
 
 def _new_session(tenant: str, session_id: str, user_id: str | None) -> SessionState:
