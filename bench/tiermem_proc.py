@@ -21,6 +21,7 @@ Run: ``python -m bench.tiermem_proc --port P``.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 from collections.abc import AsyncGenerator
@@ -182,7 +183,9 @@ def probe_router(services: BenchServices) -> APIRouter:
         return out
 
     @router.get("/bench/stats")
-    async def stats() -> dict[str, Any]:
+    async def stats(request: Request) -> dict[str, Any]:
+        if request.query_params.get("gc"):
+            gc.collect()
         cpu = proc.cpu_times()
         reg = services.metrics.registry
         return {

@@ -190,11 +190,51 @@ async def run_level(
             r1 = await stack.probe.snapshot()
             records = await get_json(client, srv.url + "/bench/turns?clear=1")
             llm_ttft = await get_json(client, stack.fake.url + "/bench/ttft?clear=1")
+            memory = None
+            if kind == "tiermem" and sessions >= 10:
+                memory = await held_session_memory(client, srv, sessions, turns, think_s, run)
     finally:
         srv.stop()
     samples = [s for ss in per_session for s in ss]
-    return level_result(kind, sessions, turns, think_s, samples, records, llm_ttft,
-                        s0, s1, stack.probe.delta(r0, r1), wall)  # fmt: skip
+    out = level_result(kind, sessions, turns, think_s, samples, records, llm_ttft,
+                       s0, s1, stack.probe.delta(r0, r1), wall)  # fmt: skip
+    if memory is not None:
+        out.update(memory)
+    return out
+
+
+async def held_session_memory(
+    client: httpx.AsyncClient, srv: ServerProcess, sessions: int, turns: int, think_s: float,
+    run: str,
+) -> dict[str, float]:  # fmt: skip
+    """What one more session held in L1 costs the process, against what L1 counts
+    for it (issue 11, item 10). The level above paid every one-off cost (code
+    paths, pools, the allocator's high-water mark of ``sessions`` concurrent
+    turns); a second wave of as many new sessions, run the same way, then adds
+    only what the new sessions keep. Both snapshots are taken after a full
+    garbage collection and with the bench's own turn records cleared."""
+    before = await get_json(client, srv.url + "/bench/stats?gc=1")
+    rng = random.Random(-sessions)
+
+    async def session(i: int) -> None:
+        sid = f"held-{run}-c{sessions}-s{i}"
+        if think_s:
+            await asyncio.sleep(rng.uniform(0, think_s))  # arrivals spread out, as above
+        for t in range(1, turns + 1):
+            await post_turn_timed(client, srv.url, sid, t, with_marker(user_message(i, t), sid, t))
+            if think_s and t < turns:
+                await asyncio.sleep(think_s * rng.uniform(0.5, 1.5))
+
+    await asyncio.gather(*(session(i) for i in range(sessions)))
+    await archive_idle(client, srv.url)
+    await get_json(client, srv.url + "/bench/turns?clear=1")
+    after = await get_json(client, srv.url + "/bench/stats?gc=1")
+    held = after["l1_sessions"] - before["l1_sessions"]
+    return {
+        "held_sessions": held,
+        "rss_per_held_session": (after["rss"] - before["rss"]) / max(1, held),
+        "l1_bytes_per_held_session": (after["l1_bytes"] - before["l1_bytes"]) / max(1, held),
+    }
 
 
 async def archive_idle_if(client: httpx.AsyncClient, srv: ServerProcess, kind: str) -> None:
@@ -557,7 +597,8 @@ def tables(levels: list[dict[str, Any]], fig: dict[str, Any] | None, args: argpa
 
     t = Table(
         "tiermem per concurrency: memory, Redis, L1",
-        ["sessions", "RSS / session KiB", "L1 bytes / session KiB", "Redis cmds / turn",
+        ["sessions", "RSS / session KiB", "L1 bytes / session KiB",
+         "RSS / held session KiB", "L1 bytes / held session KiB", "Redis cmds / turn",
          "EVALSHA / turn", "L2 round trips / turn", "L1 hit ratio", "own (hit) median ms",
          "own (miss) median ms"],
     )  # fmt: skip
@@ -567,7 +608,10 @@ def tables(levels: list[dict[str, Any]], fig: dict[str, Any] | None, args: argpa
         t.rows.append([
             str(r["sessions"]),
             num(r["rss_per_session"] / 1024, 1) if r["sessions"] >= 10 else "–",
-            num(r["l1_bytes_per_session"] / 1024, 1), num(r["redis_commands_per_turn"], 1),
+            num(r["l1_bytes_per_session"] / 1024, 1),
+            num(r["rss_per_held_session"] / 1024, 1) if "held_sessions" in r else "–",
+            num(r["l1_bytes_per_held_session"] / 1024, 1) if "held_sessions" in r else "–",
+            num(r["redis_commands_per_turn"], 1),
             num(r["redis_evalsha_per_turn"], 2), num(r["l2_round_trips_per_turn"], 2),
             num(r["l1_hit_ratio"], 3), ms(r["own_hit"]["median"]), ms(r["own_miss"]["median"]),
         ])  # fmt: skip
@@ -576,7 +620,10 @@ def tables(levels: list[dict[str, Any]], fig: dict[str, Any] | None, args: argpa
         "per-turn figures include the archive step (one batch per "
         f"{args.threshold} turns). RSS growth of the server process over the level, per "
         "session (not shown for one session: lazy start-up allocations swamp it); L1 bytes is "
-        "L1's own estimate. Misses are each session's first turn."
+        "L1's own estimate. *Held session*: a second wave of as many new sessions on the "
+        "same server, after the level paid its one-off costs: the RSS it adds per session "
+        "it leaves in L1, against what L1 counts for them (gc before both snapshots). "
+        "Misses are each session's first turn."
     )
     out.append(t)
 
