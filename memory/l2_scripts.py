@@ -131,12 +131,16 @@ end
 if #ARGV >= 16 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 15, #ARGV))
 end
+local held = redis.call('HGET', KEYS[1], 'holders') or ''
 local others = {}
-for h in string.gmatch(redis.call('HGET', KEYS[1], 'holders') or '', '%S+') do
+for h in string.gmatch(held, '%S+') do
   if h ~= ARGV[14] then table.insert(others, h) end
 end
 local others_s = table.concat(others, ' ')
-redis.call('HSET', KEYS[1], 'holders', ARGV[14])
+if held ~= ARGV[14] then
+  -- A sticky session is already held by its writer alone: nothing to write.
+  redis.call('HSET', KEYS[1], 'holders', ARGV[14])
+end
 local ttl = tonumber(ARGV[5])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
