@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,22 +168,12 @@ async def run_level(
             r0 = await stack.probe.snapshot()
             task = progress.add_task(f"{kind:>7} · {sessions:>3} sessions", total=sessions * turns)
             rng = random.Random(sessions)
-
-            async def session(i: int) -> list[TurnSample]:
-                sid = f"{kind}-{run}-c{sessions}-s{i}"
-                out = []
-                if think_s:
-                    await asyncio.sleep(rng.uniform(0, think_s))  # arrivals spread out
-                for t in range(1, turns + 1):
-                    msg = with_marker(user_message(i, t), sid, t)
-                    out.append(await post_turn_timed(client, srv.url, sid, t, msg))
-                    progress.advance(task)
-                    if think_s and t < turns:
-                        await asyncio.sleep(think_s * rng.uniform(0.5, 1.5))
-                return out
-
             t0 = time.perf_counter()
-            per_session = await asyncio.gather(*(session(i) for i in range(sessions)))
+            per_session = await asyncio.gather(*(
+                drive_session(client, srv.url, f"{kind}-{run}-c{sessions}-s{i}", i, turns,
+                              think_s, rng, lambda: progress.advance(task))
+                for i in range(sessions)
+            ))  # fmt: skip
             wall = time.perf_counter() - t0
             # The archive steps these turns set off are part of their cost.
             await archive_idle_if(client, srv, kind)
@@ -203,6 +194,25 @@ async def run_level(
     return out
 
 
+async def drive_session(
+    client: httpx.AsyncClient, url: str, sid: str, i: int, turns: int, think_s: float,
+    rng: random.Random, advance: Callable[[], None] = lambda: None,
+) -> list[TurnSample]:  # fmt: skip
+    """One session's turns: a random arrival within ``think_s``, then ``turns``
+    turns with think times of ``think_s`` ±50% between them."""
+    out = []
+    if think_s:
+        await asyncio.sleep(rng.uniform(0, think_s))  # arrivals spread out
+    for t in range(1, turns + 1):
+        out.append(
+            await post_turn_timed(client, url, sid, t, with_marker(user_message(i, t), sid, t))
+        )
+        advance()
+        if think_s and t < turns:
+            await asyncio.sleep(think_s * rng.uniform(0.5, 1.5))
+    return out
+
+
 async def held_session_memory(
     client: httpx.AsyncClient, srv: ServerProcess, sessions: int, turns: int, think_s: float,
     run: str,
@@ -215,17 +225,10 @@ async def held_session_memory(
     garbage collection and with the bench's own turn records cleared."""
     before = await get_json(client, srv.url + "/bench/stats?gc=1")
     rng = random.Random(-sessions)
-
-    async def session(i: int) -> None:
-        sid = f"held-{run}-c{sessions}-s{i}"
-        if think_s:
-            await asyncio.sleep(rng.uniform(0, think_s))  # arrivals spread out, as above
-        for t in range(1, turns + 1):
-            await post_turn_timed(client, srv.url, sid, t, with_marker(user_message(i, t), sid, t))
-            if think_s and t < turns:
-                await asyncio.sleep(think_s * rng.uniform(0.5, 1.5))
-
-    await asyncio.gather(*(session(i) for i in range(sessions)))
+    await asyncio.gather(*(
+        drive_session(client, srv.url, f"held-{run}-c{sessions}-s{i}", i, turns, think_s, rng)
+        for i in range(sessions)
+    ))  # fmt: skip
     await archive_idle(client, srv.url)
     await get_json(client, srv.url + "/bench/turns?clear=1")
     after = await get_json(client, srv.url + "/bench/stats?gc=1")
