@@ -22,13 +22,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
+import httpx2
 import orjson
 import psutil
 import uvicorn
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
+
+from bench.common import serve
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -51,9 +53,9 @@ def build(llm_url: str) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state["http"] = httpx.AsyncClient(
-            timeout=httpx.Timeout(60.0),
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=128),
+        state["http"] = httpx2.AsyncClient(
+            timeout=httpx2.Timeout(60.0),
+            limits=httpx2.Limits(max_connections=1024, max_keepalive_connections=128),
         )
         state["model"] = (await state["http"].get(f"{llm_url}/models")).json()["data"][0]["id"]
         yield
@@ -150,10 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--llm-url", required=True, help="OpenAI-compatible base URL ending in /v1")
     args = p.parse_args(argv)
-    uvicorn.run(
+    serve(uvicorn.Config(
         build(args.llm_url.rstrip("/")), host="127.0.0.1", port=args.port, loop="uvloop",
         http="httptools", log_level="warning", access_log=False,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -411,3 +411,25 @@ async def wait_until(pred: Any, within_s: float = 30.0, interval: float = 0.02) 
             return True
         await asyncio.sleep(interval)
     return bool(await pred())
+
+
+def serve(config: Any) -> None:
+    """Runs a ``uvicorn.Config`` as a benchmark server. ``BENCH_PROFILE=PATH`` runs
+    it under cProfile and writes the stats to ``PATH.<pid>`` when it stops: a tool
+    for finding CPU; a profiled run's figures are not comparable with others."""
+    import cProfile
+    import signal
+
+    import uvicorn
+
+    path = os.environ.get("BENCH_PROFILE")
+    if not path:
+        uvicorn.Server(config).run()
+        return
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; with the
+    # default handler that would end the process before the stats are written.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    with cProfile.Profile() as prof:
+        uvicorn.Server(config).run()
+    prof.dump_stats(f"{path}.{os.getpid()}")
+

@@ -14,7 +14,8 @@ The probe changes nothing on the turn path; it only watches it:
 ``GET /bench/turns?clear=1`` returns those records; ``GET /bench/stats`` the
 process's CPU time and RSS, L1 and L2 counters and a few Prometheus counters.
 
-Configuration comes from the ``TIERMEM_*`` environment, as for ``tiermem serve``.
+Configuration comes from the ``TIERMEM_*`` environment, as for ``tiermem serve``;
+``BENCH_PROFILE`` as in ``bench.common.serve``.
 Run: ``python -m bench.tiermem_proc --port P``.
 """
 
@@ -34,6 +35,7 @@ from fastapi import APIRouter, Request
 from app.logging_setup import setup_logging
 from app.main import create_app
 from app.services import Services
+from bench.common import serve
 from graph.builder import TurnRunner
 from graph.events import TurnEvent
 from graph.state import TurnControl, TurnInput
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
         lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=5,
     )  # fmt: skip
-    uvicorn.Server(config).run()
+    serve(config)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Required, TypeAlias, TypedDict
 
-import httpx
+import httpx2
 import orjson
 
 from infra.errors import Unavailable
@@ -497,7 +497,7 @@ class _ConnectFailed(Exception):
 class OpenAICompatibleLLM(LLMBase):
     """Streams ``/chat/completions`` from one or more OpenAI-compatible replicas.
 
-    Replica URLs are base URLs ending in ``/v1``. One ``httpx.AsyncClient`` is
+    Replica URLs are base URLs ending in ``/v1``. One ``httpx2.AsyncClient`` is
     shared by all requests; create the object inside the process that uses it
     (never at import time, never across a fork).
     """
@@ -518,7 +518,7 @@ class OpenAICompatibleLLM(LLMBase):
         max_tokens: int = 512,
         temperature: float = 0.7,
         name: str = "openai-compatible",
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = name
         self.router: Router = router or RendezvousRouter()
@@ -535,16 +535,16 @@ class OpenAICompatibleLLM(LLMBase):
         self._read_timeout = read_timeout_s
         self._max_tokens = max_tokens
         self._temperature = temperature
-        # httpx's own read timeout is only a backstop: the first-token and
+        # httpx2's own read timeout is only a backstop: the first-token and
         # between-token deadlines are enforced around each read below.
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(
+        self._http = httpx2.AsyncClient(
+            timeout=httpx2.Timeout(
                 connect=connect_timeout_s,
                 read=max(first_token_timeout_s, read_timeout_s) + 1.0,
                 write=connect_timeout_s,
                 pool=connect_timeout_s,
             ),
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=128),
+            limits=httpx2.Limits(max_connections=1024, max_keepalive_connections=128),
             transport=transport,
         )
 
@@ -676,7 +676,7 @@ class OpenAICompatibleLLM(LLMBase):
             resp = await self._http.get(
                 f"{replica}/models", headers=self._auth_headers(), timeout=self._connect_timeout
             )
-        except httpx.HTTPError:
+        except httpx2.HTTPError:
             self.router.mark_unhealthy(replica)
             return False
         ok = resp.status_code == 200
@@ -717,9 +717,9 @@ class OpenAICompatibleLLM(LLMBase):
             )
             data = (resp.json().get("data") or []) if resp.status_code == 200 else []
             model = str(data[0]["id"]) if data else "default"
-        except (httpx.ConnectError, httpx.ConnectTimeout):
+        except (httpx2.ConnectError, httpx2.ConnectTimeout):
             raise
-        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        except (httpx2.HTTPError, ValueError, KeyError, TypeError, AttributeError):
             return "default"
         self._served_models[replica] = model
         return model
@@ -765,7 +765,7 @@ class OpenAICompatibleLLM(LLMBase):
             try:
                 async with asyncio.timeout_at(first_deadline):
                     model = await self._model_for(replica)
-                    # orjson, not httpx's json= (the standard library's encoder):
+                    # orjson, not httpx2's json= (the standard library's encoder):
                     # the body is the whole prompt, encoded on the way to TTFT.
                     request = self._http.build_request(
                         "POST",
@@ -842,7 +842,7 @@ class OpenAICompatibleLLM(LLMBase):
                                 raise _malformed_tool_call(replica, e, emitted) from None
                 # Read to the end of the body (normally nothing is left after
                 # [DONE]) so the connection returns to the pool: closing it
-                # half-read would make httpx drop it and reconnect next turn.
+                # half-read would make httpx2 drop it and reconnect next turn.
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(1.0):
                         async for _ in lines:
@@ -865,7 +865,7 @@ class OpenAICompatibleLLM(LLMBase):
                 # Closing an unfinished streamed response drops the connection,
                 # which is how vLLM learns to abort the request.
                 await resp.aclose()
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+        except (httpx2.ConnectError, httpx2.ConnectTimeout) as e:
             self.router.mark_unhealthy(replica)
             raise _ConnectFailed(
                 LLMError(
@@ -875,14 +875,14 @@ class OpenAICompatibleLLM(LLMBase):
                     replica=replica,
                 )
             ) from e
-        except httpx.TimeoutException as e:
+        except httpx2.TimeoutException as e:
             raise LLMError(
                 "timeout",
                 f"LLM replica {replica} timed out: {_describe(e)}",
                 retryable=not emitted,
                 replica=replica,
             ) from e
-        except httpx.HTTPError as e:
+        except httpx2.HTTPError as e:
             raise LLMError(
                 "protocol",
                 f"LLM replica {replica} broke the stream: {_describe(e)}",
@@ -909,7 +909,7 @@ class OpenAICompatibleLLM(LLMBase):
             replica=replica,
         )
 
-    async def _http_error(self, resp: httpx.Response, replica: str) -> LLMError:
+    async def _http_error(self, resp: httpx2.Response, replica: str) -> LLMError:
         body = (await resp.aread())[:2000].decode("utf-8", errors="replace")
         detail = body
         try:
