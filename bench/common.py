@@ -432,4 +432,3 @@ def serve(config: Any) -> None:
     with cProfile.Profile() as prof:
         uvicorn.Server(config).run()
     prof.dump_stats(f"{path}.{os.getpid()}")
-
