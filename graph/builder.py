@@ -59,7 +59,9 @@ class TurnRunner:
         ``started`` is when the request arrived (perf_counter), for TTFT."""
         started = time.perf_counter() if started is None else started
         m = self.deps.metrics
-        async with self.deps.sessions.turn_lock(inp.tenant, inp.session_id):
+        async with self.deps.sessions.turn_lock(
+            inp.tenant, inp.session_id, on_wait=control.underway.set
+        ):
             ctx = TurnContext(self.deps, control, started)
             try:
                 # Each LLM step is two graph steps (agent, tools), plus the rest.

@@ -107,7 +107,7 @@ class TurnNodes:
         check_message(state["message"], d.settings.max_message_chars)
         opened = await d.sessions.open(tenant, session_id, state["user_id"])
         session = ctx.run.session = opened.session
-        agent = ctx.run.agent = await _agent_of(d, session, state)
+        agent = ctx.run.agent = await _agent_of(ctx, session, state)
         retry_of: int | None = None
         if state.get("client_turn_id"):
             stored = await d.sessions.stored_turn(tenant, session_id, state["turn_id"])
@@ -138,6 +138,7 @@ class TurnNodes:
                              "step": resumed.steps, "tool_calls": resumed.log,
                              "agent": agent.name, "skills_block": skills_block}  # fmt: skip
         if need:
+            ctx.control.underway.set()  # the L3 search comes first
             update["timings"] = {"prepare": _since(t0)}
             return Command(update=update, goto="retrieve")
         # Nothing to retrieve: the prompt is known now, so the request goes out
@@ -467,6 +468,7 @@ async def _send(ctx: TurnContext, state: TurnState, steps: list[Message], reques
     )  # fmt: skip
     run.requests += 1
     await reply.start()
+    ctx.control.underway.set()
 
 
 def _turn_block(state: TurnState) -> str | None:
@@ -497,6 +499,7 @@ async def _detected_skills(
     registry = d.tools.skills
     if d.skill_detector is None or registry is None or not registry.skills:
         return None
+    ctx.control.underway.set()  # detection (an embedding) comes before the request
     exclude = _skills_in_context(session)
     if agent.skills is not None:
         exclude |= {s.name for s in registry.skills if s.name not in agent.skills}
@@ -517,13 +520,15 @@ async def _detected_skills(
     return "\n\n".join(blocks) if blocks else None
 
 
-async def _agent_of(d: TurnDeps, session: SessionState, state: TurnState) -> AgentProfile:
+async def _agent_of(ctx: TurnContext, session: SessionState, state: TurnState) -> AgentProfile:
     """The session's agent; on its first turn, the one asked for (a name, or
     "auto": the nearest description to the message), else the default."""
+    d = ctx.deps
     if session.agent or session.turn_count:
         return d.agents.get(session.agent)
     asked = state.get("agent") or ""
     if asked == "auto":
+        ctx.control.underway.set()  # routing embeds the message first
         return d.agents.get(await d.agents.route(state["message"], d.l3.embedder.embed))
     return d.agents.get(asked)
 

@@ -43,11 +43,19 @@ class TurnControl:
     every token and the client. ``stop`` lets the app end a turn's generation
     (client gone, drain deadline) while the graph still commits what was
     generated.
+
+    ``underway`` is set once the turn's first LLM request is on its way, or the
+    turn is about to wait on something slow before it (another turn of the
+    session, an L3 search, skill detection), or it has ended. The app starts
+    the HTTP response only then: the response start (headers through the ASGI
+    stack, about half a millisecond of the loop) then overlaps the LLM's
+    prefill instead of running between LangGraph's steps ahead of the request.
     """
 
     emit: Callable[[TurnEvent], None]
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str | None = None
+    underway: asyncio.Event = field(default_factory=asyncio.Event)
 
     def stop(self, reason: str) -> None:
         if self.reason is None:

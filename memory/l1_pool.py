@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -143,8 +143,11 @@ class L1Pool:
             self.evictions += 1
 
     @asynccontextmanager
-    async def session_turn(self, tenant: str, session_id: str) -> AsyncIterator[None]:
-        """Serialises the turns of one session on this pod."""
+    async def session_turn(
+        self, tenant: str, session_id: str, on_wait: Callable[[], None] | None = None
+    ) -> AsyncIterator[None]:
+        """Serialises the turns of one session on this pod; ``on_wait`` is called
+        first when another turn holds the session (this one will queue)."""
         key = (tenant, session_id)
         lock = self._locks.get(key)
         if lock is None:
@@ -153,6 +156,8 @@ class L1Pool:
         waited = lock.locked()
         if waited:
             self.queued += 1
+            if on_wait is not None:
+                on_wait()
         try:
             await lock.acquire()
         finally:

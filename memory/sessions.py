@@ -130,9 +130,12 @@ class Sessions:
 
     # --- reading ------------------------------------------------------------------
     @asynccontextmanager
-    async def turn_lock(self, tenant: str, session_id: str) -> AsyncIterator[None]:
-        """Turns of one session run one at a time on this pod."""
-        async with self.l1.session_turn(tenant, session_id):
+    async def turn_lock(
+        self, tenant: str, session_id: str, on_wait: Callable[[], None] | None = None
+    ) -> AsyncIterator[None]:
+        """Turns of one session run one at a time on this pod (``on_wait``: called
+        when this one has to queue behind another)."""
+        async with self.l1.session_turn(tenant, session_id, on_wait):
             yield
 
     async def check_owner(self, tenant: str, session_id: str, user_id: str) -> None:

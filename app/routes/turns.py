@@ -165,9 +165,12 @@ async def launch_turn(
     lease = await admit(limiter, inp.tenant)
     tenant_var.set(inp.tenant)
     session_var.set(inp.session_id)
-    # The turn starts now, not when Starlette starts iterating the response:
-    # its LLM request then goes out while the response headers are being sent.
-    return _start_turn(services, inp, started, lease)
+    # The turn starts now, and the response once the turn is under way
+    # (TurnControl.underway): its LLM request goes out before the response
+    # start, whose cost then overlaps the LLM's prefill.
+    queue, control, task = _start_turn(services, inp, started, lease)
+    await control.underway.wait()
+    return queue, control, task
 
 
 def _start_turn(
@@ -200,6 +203,7 @@ def spawn_in_flight(
     services.refresh_gauges()
 
     def _finished(t: asyncio.Task[None]) -> None:
+        control.underway.set()  # ended before its LLM request (an error, a replay)
         services.turn_tasks.discard(t)
         services.controls.discard(control)
         services.refresh_gauges()
