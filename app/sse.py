@@ -47,34 +47,51 @@ async def queued_events(queue: asyncio.Queue[Any], heartbeat_s: float) -> AsyncI
 
     Text that queued up while the socket was busy (the turn's ``Token`` events,
     or the LLM's own ``LLMToken``s on the OpenAI front's proxy) comes as one
-    item: the same text, fewer frames and sends under load."""
+    item: the same text, fewer frames and sends under load.
+
+    One timer per stream, not a timeout per event: it fires ``heartbeat_s``
+    after the last item given, and when nothing was given since, it puts
+    ``HEARTBEAT_DUE`` on the queue itself (a token costs no timer)."""
+    loop = asyncio.get_running_loop()
+    last = loop.time()  # when an item was last given
+    timer: asyncio.TimerHandle
+
+    def beat() -> None:
+        nonlocal timer
+        due = last + heartbeat_s
+        if loop.time() >= due:
+            queue.put_nowait(HEARTBEAT_DUE)
+            due = loop.time() + heartbeat_s
+        timer = loop.call_at(due, beat)
+
     held: Any = _NOTHING  # taken off the queue, not given yet
-    while True:
-        if held is not _NOTHING:
-            item, held = held, _NOTHING
-        elif queue.empty():
-            try:
-                # asyncio.timeout, not wait_for: no extra task per event.
-                async with asyncio.timeout(heartbeat_s):
-                    item = await queue.get()
-            except TimeoutError:
-                yield HEARTBEAT_DUE
-                continue
-        else:
-            item = queue.get_nowait()
-        if item is None:
-            return
-        kind = type(item)
-        if (kind is Token or kind is LLMToken) and not queue.empty():
-            texts = [item.text]
-            while not queue.empty():
-                nxt = queue.get_nowait()
-                if type(nxt) is not kind:
-                    held = nxt
-                    break
-                texts.append(nxt.text)
-            item = kind("".join(texts))
-        yield item
+    timer = loop.call_at(last + heartbeat_s, beat)
+    try:
+        while True:
+            if held is not _NOTHING:
+                item, held = held, _NOTHING
+            elif queue.empty():
+                item = await queue.get()
+            else:
+                item = queue.get_nowait()
+            if item is None:
+                return
+            kind = type(item)
+            if (kind is Token or kind is LLMToken) and not queue.empty():
+                texts = [item.text]
+                while not queue.empty():
+                    nxt = queue.get_nowait()
+                    if type(nxt) is not kind:
+                        held = nxt
+                        break
+                    texts.append(nxt.text)
+                item = kind("".join(texts))
+            elif item is HEARTBEAT_DUE and loop.time() < last + heartbeat_s:
+                continue  # put just before something else was given: not due now
+            last = loop.time()
+            yield item
+    finally:
+        timer.cancel()
 
 
 async def relay(

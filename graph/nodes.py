@@ -352,7 +352,8 @@ class TurnNodes:
             memories=_turn_block(state), created_at=time.time(), usage=usage,
             memory_hits=state.get("memories") or None,
         )  # fmt: skip
-        await d.context.turn_tokens_async(turn)  # stored with the turn: no recount on reload
+        # Stored with the turn: no recount on reload.
+        await d.context.turn_tokens_async(turn, plan)
         threshold = d.archiver.threshold
 
         def checkpoint_for(index: int, version: int, parent: str | None) -> CheckpointWrite:

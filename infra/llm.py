@@ -791,20 +791,25 @@ class OpenAICompatibleLLM(LLMBase):
                 if resp.status_code != 200:
                     raise await self._http_error(resp, replica)
                 self.router.mark_healthy(replica)
-                lines = resp.aiter_lines()
+                # The body as it arrives, split into lines here: httpx2's
+                # aiter_lines (text decoding, then a line decoder, each a
+                # generator of its own) would cost more than the rest of a token.
+                raw = resp.aiter_bytes()
+                pending = b""
                 finish_reason: str | None = None
                 usage: LLMUsage | None = None
                 ttft_ms: float | None = None
                 assembler = ToolCallAssembler()
-                while True:
-                    # After the first output (ttft_ms set) the per-chunk deadline
+                done = False
+                while not done:
+                    # After the first output (ttft_ms set) the per-read deadline
                     # applies, also to a reply that is only a tool call.
                     deadline = (
                         loop.time() + self._read_timeout if ttft_ms is not None else first_deadline
                     )
                     try:
                         async with asyncio.timeout_at(deadline):
-                            line = await anext(lines)
+                            data = await anext(raw)
                     except StopAsyncIteration:
                         if finish_reason is not None:
                             break  # ended without [DONE]; the reply itself is complete
@@ -816,36 +821,39 @@ class OpenAICompatibleLLM(LLMBase):
                         ) from None
                     except TimeoutError:
                         raise self._timeout_error(replica, ttft_ms is not None, emitted) from None
-                    payload = _sse_data(line)
-                    if payload is None:
-                        continue
-                    if payload == "[DONE]":
-                        break
-                    chunk = _parse_chunk(payload, replica, emitted)
-                    usage = _usage(chunk.get("usage")) or usage
-                    for choice in chunk.get("choices") or ():
-                        finish_reason = choice.get("finish_reason") or finish_reason
-                        delta = choice.get("delta") or {}
-                        text = delta.get("content")
-                        if text:
-                            if ttft_ms is None:
-                                ttft_ms = (loop.time() - started) * 1000.0
-                            emitted = True
-                            yield LLMToken(text)
-                        fragments = delta.get("tool_calls")
-                        if fragments:
-                            if ttft_ms is None:
-                                ttft_ms = (loop.time() - started) * 1000.0
-                            try:
-                                assembler.add(fragments)
-                            except ValueError as e:
-                                raise _malformed_tool_call(replica, e, emitted) from None
+                    *lines, pending = (pending + data).split(b"\n")
+                    for line in lines:
+                        payload = _sse_data(line)
+                        if payload is None:
+                            continue
+                        if payload == b"[DONE]":
+                            done = True
+                            break
+                        chunk = _parse_chunk(payload, replica, emitted)
+                        usage = _usage(chunk.get("usage")) or usage
+                        for choice in chunk.get("choices") or ():
+                            finish_reason = choice.get("finish_reason") or finish_reason
+                            delta = choice.get("delta") or {}
+                            text = delta.get("content")
+                            if text:
+                                if ttft_ms is None:
+                                    ttft_ms = (loop.time() - started) * 1000.0
+                                emitted = True
+                                yield LLMToken(text)
+                            fragments = delta.get("tool_calls")
+                            if fragments:
+                                if ttft_ms is None:
+                                    ttft_ms = (loop.time() - started) * 1000.0
+                                try:
+                                    assembler.add(fragments)
+                                except ValueError as e:
+                                    raise _malformed_tool_call(replica, e, emitted) from None
                 # Read to the end of the body (normally nothing is left after
                 # [DONE]) so the connection returns to the pool: closing it
                 # half-read would make httpx2 drop it and reconnect next turn.
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(1.0):
-                        async for _ in lines:
+                        async for _ in raw:
                             pass
                 if ttft_ms is None:
                     ttft_ms = (loop.time() - started) * 1000.0
@@ -930,20 +938,21 @@ class OpenAICompatibleLLM(LLMBase):
         )
 
 
-def _sse_data(line: str) -> str | None:
+def _sse_data(line: bytes) -> bytes | None:
     """The data of an SSE ``data:`` line; None for blank lines, comments, other fields."""
-    if not line.startswith("data:"):
+    if not line.startswith(b"data:"):
         return None
     return line[5:].strip()
 
 
-def _parse_chunk(payload: str, replica: str, emitted: bool) -> dict[str, Any]:
+def _parse_chunk(payload: bytes, replica: str, emitted: bool) -> dict[str, Any]:
     try:
         chunk = orjson.loads(payload)
     except ValueError:
         raise LLMError(
             "protocol",
-            f"LLM replica {replica} sent a chunk that is not JSON: {payload[:200]!r}",
+            f"LLM replica {replica} sent a chunk that is not JSON: "
+            f"{payload[:200].decode(errors='replace')!r}",
             retryable=not emitted,
             replica=replica,
         ) from None

@@ -43,6 +43,9 @@ KV_BLOCK_TOKENS = 32
 # Texts longer than this are tokenised on the CPU executor, never on the event
 # loop (a 16k-character message takes a few ms to tokenise).
 INLINE_TOKENIZE_CHARS = 8192
+# A text this short between the previous reply and the new user message is
+# counted once and remembered (it is the reply message's end tag).
+SHORT_TEXT_CHARS = 64
 # Summaries whose token count is kept (a few KB each at most).
 SUMMARY_COUNTS_KEPT = 1024
 
@@ -206,6 +209,11 @@ class ContextPlan:
     _account_of: Callable[[ContextPlan], PrefixAccount] = field(repr=False)
     # The request's ``tools``: the definitions of the plan's prefix, as they are.
     tools: tuple[dict[str, Any], ...] = ()
+    # The new user message as the prompt carries it, and its token count: the
+    # accounting and the committed turn's count reuse it instead of tokenising
+    # the same text again.
+    new_user: str = ""
+    new_tokens: int = -1
 
     @cached_property
     def prompt_text(self) -> str:
@@ -261,6 +269,8 @@ class ContextBuilder:
         # a session's live summary changes only at compaction, yet every turn
         # needs its count.
         self._summary_count = lru_cache(maxsize=SUMMARY_COUNTS_KEPT)(self._count_summary)
+        # Counts of the few short texts between messages (a reply's end tag).
+        self._short_count = lru_cache(maxsize=64)(self.tokenizer.count)
 
     def use_prefix(self, prefix: StablePrefix, agent: str | None = None) -> None:
         """Makes ``prefix`` the one new sessions of ``agent`` (default: the
@@ -340,11 +350,24 @@ class ContextBuilder:
             msgs.append(m)
         return msgs
 
-    def turn_tokens(self, turn: Turn) -> int:
+    def turn_tokens(self, turn: Turn, plan: ContextPlan | None = None) -> int:
+        """The turn's token count as its messages render (``plan``: the plan the
+        turn was sent with, whose count of the user message is reused)."""
         # Kept on the turn object itself (it lives in L1): a committed turn's
         # rendering never changes, and no key can collide across sessions.
         if turn.n_tokens < 0:
-            turn.n_tokens = self._count_messages(self.turn_messages(turn))
+            messages = self.turn_messages(turn)
+            first = messages[0] if messages else None
+            if (
+                plan is not None
+                and plan.new_tokens >= 0
+                and first is not None
+                and first.get("role") == "user"
+                and first.get("content") == plan.new_user
+            ):
+                turn.n_tokens = plan.new_tokens + self._count_messages(messages[1:])
+            else:
+                turn.n_tokens = self._count_messages(messages)
         return turn.n_tokens
 
     def _summary_tokens(self, summary: str) -> int:
@@ -417,12 +440,12 @@ class ContextBuilder:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: plan.account)
 
-    async def turn_tokens_async(self, turn: Turn) -> int:
+    async def turn_tokens_async(self, turn: Turn, plan: ContextPlan | None = None) -> int:
         size = sum(len(str(m.get("content") or "")) for m in turn.messages)
         if size <= INLINE_TOKENIZE_CHARS or self._executor is None or turn.n_tokens >= 0:
-            return self.turn_tokens(turn)
+            return self.turn_tokens(turn, plan)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.turn_tokens, turn)
+        return await loop.run_in_executor(self._executor, self.turn_tokens, turn, plan)
 
     def plan(
         self,
@@ -487,30 +510,27 @@ class ContextBuilder:
         compacted = compaction is not None
 
         def account_of(plan: ContextPlan) -> PrefixAccount:
-            return self._account(before, plan.prompt_text, plan.prompt_tokens, compacted, info)
+            return self._account(before, plan, compacted, info)
 
         return ContextPlan(messages, total, compaction, updates, account_of,
-                           tools=info.prefix.tools)  # fmt: skip
+                           tools=info.prefix.tools, new_user=new_user,
+                           new_tokens=new_tokens)  # fmt: skip
 
     def _account(
-        self,
-        state: _Previous,
-        prompt_text: str,
-        prompt_tokens: int,
-        compacted: bool,
-        info: _PrefixInfo,
+        self, state: _Previous, plan: ContextPlan, compacted: bool, info: _PrefixInfo
     ) -> PrefixAccount:
+        prompt_text, prompt_tokens = plan.prompt_text, plan.prompt_tokens
         mark = state.last_rendered
         if mark is None and state.turn_count == 0:
             return PrefixAccount(prompt_tokens, 0, 0, None)
         if mark is not None and extends(prompt_text, mark):
             # The usual turn: the prompt extends the previous prompt + reply.
-            return self._extended(prompt_text, prompt_tokens, mark[0])
+            return self._extended(plan, mark[0])
         # A break, or an L1 miss: the previous prompt + reply is what the session's
         # turns as they were render to, under the prefix they were sent with.
         prev = self._rendered(state.context_summary, state.turns, state.prefix_version)
         if prompt_text.startswith(prev):
-            return self._extended(prompt_text, prompt_tokens, len(prev))
+            return self._extended(plan, len(prev))
         pos = _common_prefix_len(prev, prompt_text)
         # Token-level common prefix: a difference inside a word changes that
         # word's tokens, so compare token lists (only on a break, which is rare).
@@ -521,9 +541,25 @@ class ContextBuilder:
         return PrefixAccount(prompt_tokens, self._blocks(min(tokens_before, prompt_tokens - 1)),
                              tokens_before, reason)  # fmt: skip
 
-    def _extended(self, prompt_text: str, prompt_tokens: int, prev_len: int) -> PrefixAccount:
-        # Count only the new tail: the rest is a known, unchanged prefix.
-        n = prompt_tokens - self.tokenizer.count(prompt_text[prev_len:])
+    def _extended(self, plan: ContextPlan, prev_len: int) -> PrefixAccount:
+        # Count only the new tail: the rest is a known, unchanged prefix. The
+        # usual tail is the end of the previous reply's message, then the new
+        # user message and the generation prompt, whose counts the plan has
+        # (message boundaries are token boundaries: the total adds the same way).
+        prompt_text, prompt_tokens = plan.prompt_text, plan.prompt_tokens
+        end = len(prompt_text)
+        usual = render_chat([{"role": "user", "content": plan.new_user}], True)
+        head_len = end - prev_len - len(usual)
+        if (
+            plan.new_tokens >= 0
+            and 0 <= head_len <= SHORT_TEXT_CHARS
+            and prompt_text.endswith(usual)
+        ):
+            head = self._short_count(prompt_text[prev_len : end - len(usual)])
+            tail_tokens = head + plan.new_tokens + self._gen_tokens
+        else:
+            tail_tokens = self.tokenizer.count(prompt_text[prev_len:])
+        n = prompt_tokens - tail_tokens
         return PrefixAccount(prompt_tokens, self._blocks(min(n, prompt_tokens - 1)), None, None)
 
     def _blocks(self, n: int) -> int:

@@ -1018,3 +1018,57 @@ def test_fake_runs_as_a_subprocess() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# --- the stream's bytes as the network cuts them ---------------------------------------
+
+
+async def test_a_stream_cut_anywhere_reads_the_same() -> None:
+    """A real HTTP server on 127.0.0.1 writes an SSE reply in pieces that cut
+    lines, events and a UTF-8 character apart, with CRLF line ends, a comment,
+    and several events in one write: the client reads the same tokens, usage
+    and finish as from whole lines."""
+    tokens = ["Gr", "üß", " Gott", " — ", "été", "!"]
+    events = [{"choices": [{"index": 0, "delta": {"role": "assistant"}}]}]
+    events += [{"choices": [{"index": 0, "delta": {"content": t}}]} for t in tokens]
+    events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    events.append({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 6}})
+    body = b": keep-alive comment\r\n\r\n"
+    body += b"".join(b"data: " + orjson.dumps(e) + b"\r\n\r\n" for e in events)
+    body += b"data: [DONE]\r\n\r\n"
+    # Cut points: inside "data:", inside a JSON string, between the two bytes
+    # of "ü", between the CR and the LF; the rest in 7-byte pieces.
+    cuts = sorted({3, body.index("ü".encode()) + 1, body.index(b"\r\n") + 1,
+                   *range(40, len(body), 7)})  # fmt: skip
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    assert "ü".encode() not in pieces and len(pieces) > 20
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass  # the request's headers; the body (its Content-Length) is not needed
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.001)  # a write of its own on the wire
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = OpenAICompatibleLLM(
+        [f"http://127.0.0.1:{port}/v1"], model="m", first_token_timeout_s=5.0,
+        read_timeout_s=5.0, connect_timeout_s=2.0,
+    )  # fmt: skip
+    try:
+        got = [ev async for ev in client.stream_chat(conversation("hi"), session_key="t:s")]
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    assert [e.text for e in got if isinstance(e, LLMToken)] == tokens
+    done = got[-1]
+    assert isinstance(done, LLMDone) and done.finish_reason == "stop"
+    assert done.usage is not None and done.usage.completion_tokens == 6

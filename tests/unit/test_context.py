@@ -702,3 +702,56 @@ def test_expected_reuse_is_counted_in_the_engines_blocks(
     common = plan.prompt_tokens - tok.count(plan.prompt_text[state.last_rendered[0] :])
     assert account.expected_cacheable == min(common, plan.prompt_tokens - 1) // block * block
     assert account.expected_cacheable % block == 0 and account.expected_cacheable > 0
+
+
+class _CountingTokenizer:
+    """The real tokenizer, noting each text it tokenises."""
+
+    def __init__(self, inner: Tokenizer) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.texts: list[str] = []
+
+    def count(self, text: str) -> int:
+        self.texts.append(text)
+        return self.inner.count(text)
+
+    def encode(self, text: str) -> list[int]:
+        self.texts.append(text)
+        return self.inner.encode(text)
+
+
+def test_a_turn_tokenises_its_user_message_once(prefix: StablePrefix, tok: Tokenizer) -> None:
+    """The plan counts the new user message; the prefix accounting and the
+    committed turn's count reuse that count, and come out as a fresh count
+    of the same texts would."""
+    counting = _CountingTokenizer(tok)
+    builder = ContextBuilder(prefix, counting, budget_tokens=100_000)  # type: ignore[arg-type]
+    fresh = ContextBuilder(prefix, tok, budget_tokens=100_000)
+    state = new_state()
+    play(builder, state, [("hello there", "hi! how can I help?")])
+    message, block = "where is my order B-1234?", "<memories>\nB-1234 shipped\n</memories>"
+    plan = builder.plan(state, message, block)
+    user_text = render_chat([{"role": "user", "content": user_content(message, block)}])
+    counting.texts.clear()
+    account = plan.account
+    turn = Turn.of_text(state.turn_count + 1, "t2", message, "It shipped on Monday.",
+                        memories=block)  # fmt: skip
+    n = builder.turn_tokens(turn, plan)
+    # Neither tokenised the user message (nor a tail holding it) again.
+    assert not any(user_text in text for text in counting.texts), counting.texts
+    # The same figures as counting everything afresh.
+    again = Turn.of_text(turn.index, "t2", message, "It shipped on Monday.", memories=block)
+    assert (
+        n
+        == fresh.turn_tokens(again)
+        == sum(tok.count(render_chat([m])) for m in builder.turn_messages(turn))
+    )
+    mark = state.last_rendered
+    assert mark is not None
+    n_tail = tok.count(plan.prompt_text[mark[0] :])
+    assert (
+        account.expected_cacheable
+        == ((min(plan.prompt_tokens - n_tail, plan.prompt_tokens - 1)) // KV_BLOCK_TOKENS)
+        * KV_BLOCK_TOKENS
+    )
