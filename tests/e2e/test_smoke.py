@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import gc
 import uuid
 
 import httpx
 
+from app.main import YOUNG_GC_THRESHOLD
 from tests.harness import AppServer, make_settings, post_turn
 
 
@@ -42,3 +44,13 @@ async def test_archive_happens(tmp_path, redis_url, caplog):
         print(s["archived_upto"], s["running_summary"])
         print([r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING])
         assert s["archived_upto"] == 3
+
+
+async def test_start_up_objects_are_frozen_and_young_collections_are_rarer(tmp_path, redis_url):
+    """The lifespan keeps what start-up built out of the collector and raises
+    the youngest generation's threshold (app/main.py says why)."""
+    gc.set_threshold(700, 10, 10)
+    gc.unfreeze()
+    async with AppServer(make_settings(tmp_path, redis_url)):
+        assert gc.get_threshold()[0] == YOUNG_GC_THRESHOLD
+        assert gc.get_freeze_count() > 10_000

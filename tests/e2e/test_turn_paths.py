@@ -288,3 +288,46 @@ async def test_api_keys_map_to_tenants(tmp_path: Path, redis_url: str) -> None:
         assert await session_keys(redis_url, session) != []
         assert all(b"{acme:" in k for k in await session_keys(redis_url, session))
         assert (await c.get(f"{srv.url}/healthz")).status_code == 200
+
+
+async def test_a_turn_queued_behind_its_session_gets_its_headers_at_once(
+    app: AppServer, fake_llm: FakeVLLM
+) -> None:
+    """A turn's response starts once the turn is under way (its LLM request
+    sent); a turn that must first wait for another turn of its session is
+    under way as it starts waiting: its client has the headers (and can see
+    heartbeats) long before the first turn ends."""
+    session = sid()
+    fake_llm.token_interval_s = 0.15
+    fake_llm.reply_tokens = 12
+    marks: dict[str, float] = {}
+    try:
+        async with httpx.AsyncClient(timeout=30) as c:
+            first_token = asyncio.Event()
+
+            async def first() -> None:
+                async with c.stream(
+                    "POST", f"{app.url}/v1/sessions/{session}/turns",
+                    json={"user_id": "u1", "message": "the long one"},
+                ) as resp:  # fmt: skip
+                    async for line in resp.aiter_lines():
+                        if line == "event: token":
+                            first_token.set()
+                        if line == "event: done":
+                            marks["first_done"] = time.monotonic()
+
+            task = asyncio.create_task(first())
+            await asyncio.wait_for(first_token.wait(), 10)
+            async with c.stream(
+                "POST", f"{app.url}/v1/sessions/{session}/turns",
+                json={"user_id": "u1", "message": "and the next"},
+            ) as resp:  # fmt: skip
+                marks["second_headers"] = time.monotonic()
+                assert resp.status_code == 200
+                body = [line async for line in resp.aiter_lines()]
+            await task
+    finally:
+        fake_llm.token_interval_s = 0.0
+    assert marks["second_headers"] < marks["first_done"]
+    events, _ = parse_sse(body)
+    assert events[-1].event == "done" and events[-1].data["turn"] == 2
