@@ -8,18 +8,28 @@ each share a word with the query beats one whose single turn holds the rare
 word asked about). So the ranking is finished here, at turn granularity, over the
 few dozen candidate pieces:
 
-- every turn of a candidate chunk gets the chunk's fused rank (dense + BM25, from
-  Milvus' RRF) and a BM25 score of its own among the candidate turns (``_bm25``:
-  the query's words, weighted by their rarity among the candidates);
-- a turn scores ``1/(60 + chunk rank) + 1/(60 + its BM25 rank)`` (reciprocal rank
-  fusion again; the second term only when it shares a word with the query); a
-  summary piece scores by its own rank;
-- a batch scores by its best turn or summary, and carries its best turns (at most
-  ``MAX_TURNS``; those whose lexical score is within half of its best), or, when
-  none of its turns shares a word with the query (it matched by meaning alone),
-  its best chunk whole: nothing cheap says which of those turns it was.
+- every turn of a candidate chunk gets a dense rank of its own among the
+  candidate turns, from its turn code (memory/l3_codes.py: the turn's own
+  vector at two bits a dimension, scored with the query's vector), and a BM25
+  score of its own among the candidate turns (``_bm25``: the query's words,
+  weighted by their rarity among the candidates);
+- a turn scores ``1/(60 + dense rank) + coverage/(60 + its BM25 rank)``
+  (reciprocal rank fusion again; the second term only when it shares a word with
+  the query, weighed by how much of the query it holds); a summary piece scores
+  the same way, by its own code;
+- a batch scores by its best turn or summary and carries that one turn: the
+  prompt and the memory event get the turn that matched, not its neighbours
+  (measured on the recall bench, a second turn per batch bought less recall than
+  the same characters spent on another batch's best turn).
 
-All of it is arithmetic on a few dozen short texts: well under a millisecond.
+Pieces without codes (rows written before turn codes existed) rank as they did:
+a turn takes its chunk's fused rank (dense + BM25, from Milvus' RRF) instead of a
+dense rank of its own, a batch carries up to ``MAX_TURNS`` turns (those whose
+lexical score is within half of its best), or, when none of its turns shares a
+word with the query (it matched by meaning alone), its best chunk whole: nothing
+cheap says which of those turns it was.
+
+All of it is arithmetic on a few dozen short texts: about a millisecond.
 """
 
 from __future__ import annotations
@@ -57,6 +67,9 @@ class Candidate:
     summary: bool
     turns: tuple[tuple[int, str], ...]  # a chunk's turns; () for a summary
     text: str
+    # The query's score against each turn's code (a summary: its one code), in
+    # ``turns`` order; () when the piece has no codes.
+    dense: tuple[float, ...] = ()
 
 
 @dataclass
@@ -100,26 +113,40 @@ def rank(query: str, candidates: list[Candidate], k: int) -> list[RankedBatch]:
     turn_keys: list[tuple[str, int]] = []
     turn_text: dict[tuple[str, int], str] = {}
     turn_rank: dict[tuple[str, int], int] = {}
-    for c in candidates:
-        for turn, text in c.turns:
+    turn_dense: dict[tuple[str, int], float] = {}
+    summary_dense: dict[int, float] = {}  # candidate index -> its code's score
+    for i, c in enumerate(candidates):
+        if c.summary and len(c.dense) == 1:
+            summary_dense[i] = c.dense[0]
+        dense = c.dense if len(c.dense) == len(c.turns) else ()
+        for j, (turn, text) in enumerate(c.turns):
             key = (c.batch_id, turn)
             if key in turn_text:
-                # Another part of a long turn: one turn, its best rank.
+                # Another part of a long turn: one turn, its best rank and score.
                 turn_text[key] += text
                 turn_rank[key] = min(turn_rank[key], c.rank)
             else:
                 turn_keys.append(key)
                 turn_text[key] = text
                 turn_rank[key] = c.rank
+            if dense:
+                turn_dense[key] = max(turn_dense.get(key, dense[j]), dense[j])
     docs = [terms(turn_text[t]) for t in turn_keys]
     idf = _idf(terms(query), docs)
     lexical = dict(zip(turn_keys, _bm25(idf, docs), strict=True))
     coverage = dict(zip(turn_keys, _coverage(idf, docs), strict=True))
     by_lexical = sorted((t for t in turn_keys if lexical[t] > 0), key=lambda t: -lexical[t])
     lex_rank = {t: i for i, t in enumerate(by_lexical)}
+    # One dense ranking of every coded turn and summary among the candidates.
+    coded: list[tuple[float, tuple[str, int] | int]] = [
+        *((v, t) for t, v in turn_dense.items()),
+        *((v, i) for i, v in summary_dense.items()),
+    ]
+    coded.sort(key=lambda item: -item[0])
+    dense_rank = {key: r for r, (_, key) in enumerate(coded)}
 
     def score(key: tuple[str, int]) -> float:
-        s = 1.0 / (RRF_K + turn_rank[key] + 1)
+        s = 1.0 / (RRF_K + dense_rank.get(key, turn_rank[key]) + 1)
         if key in lex_rank:
             # Weighed by how much of the query the turn holds: a turn that shares
             # one common word of it (a near miss on the same subject) must not
@@ -129,10 +156,10 @@ def rank(query: str, candidates: list[Candidate], k: int) -> list[RankedBatch]:
 
     batches: dict[str, RankedBatch] = {}
     best_chunk: dict[str, Candidate] = {}
-    for c in candidates:
+    for i, c in enumerate(candidates):
         b = batches.setdefault(c.batch_id, RankedBatch(c.batch_id, 0.0))
         if c.summary:
-            b.score = max(b.score, 1.0 / (RRF_K + c.rank + 1))
+            b.score = max(b.score, 1.0 / (RRF_K + dense_rank.get(i, c.rank) + 1))
             b.summary = b.summary or c.text
         else:
             best_chunk.setdefault(c.batch_id, c)
@@ -144,7 +171,11 @@ def rank(query: str, candidates: list[Candidate], k: int) -> list[RankedBatch]:
     for b in ranked:
         mine = [t for t in turn_keys if t[0] == b.batch_id]
         hits = sorted((t for t in mine if lexical[t] > 0), key=lambda t: -score(t))
-        if hits:
+        coded_turns = [t for t in mine if t in turn_dense]
+        if coded_turns:
+            best = max(coded_turns, key=score)
+            b.turns = [(best[1], turn_text[best])]
+        elif hits:
             top = lexical[max(hits, key=lambda t: lexical[t])]
             keep = [t for t in hits if lexical[t] >= top / 2][:MAX_TURNS]
             b.turns = sorted((t[1], turn_text[t]) for t in keep)

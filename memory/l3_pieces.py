@@ -4,12 +4,14 @@ A batch is its transcript (``memory.summaries.transcript``: ``[turn N] user: ...
 lines) and, optionally, a summary. L3 embeds neither whole: the transcript of ten
 turns is far longer than an embedding model reads (all-MiniLM-L6-v2 reads 254
 word pieces; the median batch measured 1,488), and a vector of a cut text sees its
-first turns only. So the transcript is cut into **chunks** that fit the
-embedder's window: whole turns, as many as fit; a turn longer than the window
-alone is split at word boundaries into several chunks. The summary, when there
-is one, is a piece of its own. Every piece is one row (one dense vector, one BM25
-sparse vector, its exact text); chunks tile the transcript exactly, so the
-batch's text is their concatenation and nothing of it is lost or cut.
+first turns only. So the transcript is cut into **chunks** of whole turns (two
+embedder windows of them by default), and each turn is embedded on its own (a
+turn longer than the window is split at word boundaries into parts, a chunk
+each): nothing an embedding reads is cut. The summary, when there is one, is a
+piece of its own. Every piece is one row (one dense vector: the mean direction
+of its turns' vectors; one BM25 sparse vector; its exact text; its turns' codes);
+chunks tile the transcript exactly, so the batch's text is their concatenation
+and nothing of it is lost or cut.
 
 Everything here is a pure function of the text, the window and the counter: the
 same batch always gives the same pieces with the same keys, so a retried archive
@@ -83,12 +85,18 @@ def chunk(
     segments: list[tuple[int, str]],
     count: Callable[[str], int],
     window: int,
+    row_tokens: int | None = None,
 ) -> list[Piece]:
-    """Whole segments packed greedily into chunks of at most ``window`` tokens (as
-    ``count`` counts ``embedding_text``); a segment over the window is split at
-    word boundaries. Concatenated in order, the chunks' texts are the segments'."""
+    """Whole segments packed greedily into chunks of at most ``row_tokens`` tokens
+    (default: ``window``), as ``count`` counts ``embedding_text``; a segment over
+    the ``window`` (what one embedding reads) is split at word boundaries into
+    parts of its own. So every turn of a chunk, and every part, fits the window.
+    Concatenated in order, the chunks' texts are the segments'."""
     if window < 8:
         raise ValueError("window must be at least 8 tokens")
+    rows = window if row_tokens is None else row_tokens
+    if rows < window:
+        raise ValueError("row_tokens must be at least the window")
     pieces: list[Piece] = []
     buf: list[tuple[int, str]] = []
     used = 0
@@ -103,7 +111,7 @@ def chunk(
     for turn, seg in segments:
         n = count(embedding_text(seg))
         if n <= window and len(seg) <= PIECE_MAX_CHARS:
-            if used + n > window or sum(len(s) for _, s in buf) + len(seg) > PIECE_MAX_CHARS:
+            if used + n > rows or sum(len(s) for _, s in buf) + len(seg) > PIECE_MAX_CHARS:
                 flush()
             buf.append((turn, seg))
             used += n
@@ -175,3 +183,13 @@ def turns_of(piece: Piece) -> list[tuple[int, str]]:
     if len(segments) == 1 and not _TURN_START.match(segments[0][1]):
         return [(piece.first, piece.text)] if piece.first == piece.last else []
     return segments
+
+
+def units(piece: Piece) -> list[str]:
+    """What is embedded of a piece, one vector each: a chunk's turns (``turns_of``),
+    or the piece whole (a summary, a part of a long turn, free text). Each fits the
+    embedder's window (a chunk may hold more than one window of turns). A piece's
+    own vector is the mean direction of its units' vectors; the units' vectors,
+    coded, are its turn codes (memory/l3_codes.py)."""
+    turns = turns_of(piece)
+    return [embedding_text(text) for _, text in turns] if turns else [embedding_text(piece.text)]

@@ -4,6 +4,7 @@ the schema before pieces keeps answering until ``tiermem reindex`` rebuilds it."
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,13 +13,17 @@ import pytest
 
 from infra.embeddings import MiniLMEmbedder, minilm_available
 from infra.milvus import AsyncMilvus
-from memory import l3_pieces
+from memory import l3_codes, l3_pieces
 from memory.l3_reindex import reindex
 from memory.l3_store import (
+    CODES,
     REINDEXED_PROPERTY,
+    V2_SUFFIX,
+    L3SchemaError,
     L3Store,
     MemoryRecord,
     batch_id_for,
+    collection_spec,
     legacy_collection_spec,
     pieces_of,
 )
@@ -137,7 +142,7 @@ async def test_a_batch_archived_twice_has_exactly_its_rows(store: L3Store) -> No
     rec = MemoryRecord(**{**rec.__dict__, "summary": "The user asked about cooking."})
     expected = {
         l3_pieces.piece_id(rec.batch_id, p.kind, p.no)
-        for p in pieces_of(rec, store.embedder.count_tokens, store.window)
+        for p in pieces_of(rec, store.embedder.count_tokens, store.window, store.chunk_tokens)
     }
     for _ in range(3):  # the first archive, and two retries after crashes
         assert await store.upsert_batch(rec) == len(expected)
@@ -229,3 +234,71 @@ async def test_what_the_model_would_cut_of_a_query_is_counted(store: L3Store) ->
     after = metric.get_sample_value("tiermem_embedding_tokens_cut_total", {"what": "query"})
     over = store.embedder.count_tokens(long_query) - store.embedder.max_tokens
     assert over >= 40 and (after or 0) - (before or 0) == over
+
+
+async def test_the_turn_that_answers_comes_alone_among_near_misses_of_its_chunk(
+    store: L3Store,
+) -> None:
+    """A question that shares no word with its answer, whose chunk also holds turns
+    on the same subject: the turn codes pick the answer, and it comes alone."""
+    tenant, user = "t" + uuid.uuid4().hex[:8], "u" + uuid.uuid4().hex[:6]
+    pairs = [FILLER[i % len(FILLER)] for i in range(10)]
+    pairs[4] = ("My colleague's daughter sings in a choir.", "Nice.")
+    pairs[5] = ("I have started taking cello lessons on Tuesday evenings.", "Enjoy!")
+    pairs[6] = ("The school band is giving a concert on Friday.", "Have fun.")
+    rec = _batch(tenant, user, "s", 1, pairs)
+    await store.upsert_batch(rec)
+    chunks = pieces_of(rec, store.embedder.count_tokens, store.window, store.chunk_tokens)
+    [holder] = [p for p in chunks if p.first <= 6 <= p.last]
+    assert {5, 6, 7} <= set(range(holder.first, holder.last + 1))  # one chunk holds all three
+    [hit] = await store.search(tenant, user, "Which stringed instrument am I learning?", 1)
+    assert [m.turn for m in hit.matches] == [6]
+    assert "cello" in hit.matches[0].text and "choir" not in hit.text and "band" not in hit.text
+
+
+async def test_each_chunk_row_carries_a_code_for_each_of_its_turns(store: L3Store) -> None:
+    tenant, user = "t" + uuid.uuid4().hex[:8], "u" + uuid.uuid4().hex[:6]
+    rec = _batch(tenant, user, "s", 1, [FILLER[i % len(FILLER)] for i in range(10)])
+    rec = MemoryRecord(**{**rec.__dict__, "summary": "The user asked about cooking."})
+    await store.upsert_batch(rec)
+    rows = await store.milvus.query(
+        store.collection, filter=f'tenant == "{tenant}"', limit=100, consistency_level="Strong",
+        output_fields=["kind", "piece", "piece_first", "piece_last", "text", "codes"],
+    )  # fmt: skip
+    assert rows
+    for row in rows:
+        piece = l3_pieces.Piece(row["kind"], row["piece"], row["piece_first"],
+                                row["piece_last"], row["text"])  # fmt: skip
+        units = l3_pieces.units(piece)
+        vectors = await store.embedder.embed(units)
+        # The codes are the signs of each unit's own vector, in order.
+        assert row["codes"] == l3_codes.encode(vectors)
+        assert len(l3_codes.scores(vectors[0], row["codes"], 384)) == len(units)
+        if piece.kind == l3_pieces.TURNS:
+            assert len(units) == piece.last - piece.first + 1
+
+
+async def test_a_collection_from_before_turn_codes_keeps_answering(
+    milvus: AsyncMilvus, executor: ThreadPoolExecutor
+) -> None:
+    """A pieces collection created before the codes field: written without codes,
+    ranked by chunk, still finds and says which turn matched."""
+    embedder = MiniLMEmbedder(executor)
+    base = "nocodes" + uuid.uuid4().hex[:6]
+    spec = collection_spec(384)
+    before = dataclasses.replace(spec, fields=tuple(f for f in spec.fields if f.name != CODES))
+    # As the default before codes filled it: chunks of one window.
+    properties = {"tiermem.embedder": embedder.name, "tiermem.chunk_tokens": "254"}
+    await milvus.create_collection(base + V2_SUFFIX, before, properties=properties)
+    await milvus.create_indexes(base + V2_SUFFIX, before.indexes)
+    store = L3Store(milvus, embedder, base, 384, cpu=executor)
+    await store.ensure_collection()
+    # The default setting follows the collection; an explicit other one is refused.
+    assert (store.chunk_tokens, store.window) == (254, 254)
+    with pytest.raises(L3SchemaError, match="chunks of 254 tokens"):
+        await L3Store(milvus, embedder, base, 384, chunk_tokens=508).ensure_collection()
+    planted = {2: ("By the way, my sailboat is moored in Brest harbour.", "Lovely spot.")}
+    tenant, user, ids = await _user_with_batches(store, planted)
+    hits = await store.search(tenant, user, "Brest harbour sailboat", 2)
+    assert hits[0].batch_id == ids[2]
+    assert 6 in {m.turn for m in hits[0].matches}

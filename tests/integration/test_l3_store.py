@@ -293,7 +293,7 @@ async def test_the_collection_has_its_fields_and_indexes(store: L3Store) -> None
     assert list(fields) == [
         "piece_id", "batch_id", "tenant", "user_id", "session_id", "first_turn",
         "last_turn", "kind", "piece", "piece_first", "piece_last", "text", "created_at",
-        "vector", "sparse",
+        "vector", "sparse", "codes",
     ]  # fmt: skip
     assert fields["piece_id"]["is_primary"] is True
     assert fields["batch_id"]["params"] == {"max_length": 64}
@@ -308,11 +308,12 @@ async def test_the_collection_has_its_fields_and_indexes(store: L3Store) -> None
         "user_id": "VARCHAR", "session_id": "VARCHAR", "first_turn": "INT64",
         "last_turn": "INT64", "kind": "VARCHAR", "piece": "INT64", "piece_first": "INT64",
         "piece_last": "INT64", "text": "VARCHAR", "created_at": "DOUBLE",
-        "vector": "FLOAT_VECTOR", "sparse": "SPARSE_FLOAT_VECTOR",
+        "vector": "FLOAT_VECTOR", "sparse": "SPARSE_FLOAT_VECTOR", "codes": "VARCHAR",
     }  # fmt: skip
     assert described["enable_dynamic_field"] is False and described["auto_id"] is False
     assert described["properties"]["tiermem.embedder"] == "hash-v1-384"
-    assert described["properties"]["tiermem.chunk_tokens"] == str(store.window)
+    assert described["properties"]["tiermem.chunk_tokens"] == str(store.chunk_tokens)
+    assert store.chunk_tokens == 2 * store.window == 2 * store.embedder.max_tokens
     indexes = {}
     for index in await store.milvus.call("list_indexes", name):
         info = await store.milvus.call("describe_index", name, index)

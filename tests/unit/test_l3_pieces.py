@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from infra.embeddings import HashingEmbedder, wordpiece_count
 from memory import l3_pieces
 from memory.l3_store import MemoryRecord, batch_id_for, pieces_of
@@ -57,6 +59,25 @@ def test_a_turn_longer_than_the_window_is_split_and_nothing_is_lost() -> None:
     assert "".join(p.text for p in parts) == blob
     assert all(wordpiece_count(p.text) <= 64 for p in parts)
     assert all(len(p.text) <= l3_pieces.PIECE_MAX_CHARS for p in parts)
+
+
+def test_chunks_may_hold_more_than_a_window_of_turns_each_within_it() -> None:
+    segments = [(i, f"[turn {i}] user: " + "word " * 30 + "\n") for i in range(1, 11)]
+    segments.insert(5, (99, "[turn 99] user: " + "long " * 200 + "\n"))
+    pieces = l3_pieces.chunk(segments, COUNT, 64, row_tokens=128)
+    assert "".join(p.text for p in pieces) == "".join(s for _, s in segments)
+    for p in pieces:
+        assert COUNT(l3_pieces.embedding_text(p.text)) <= 128
+        # Every unit one embedding reads fits the window.
+        assert all(COUNT(u) <= 64 for u in l3_pieces.units(p))
+    # Rows of several turns (more than one window's worth), and the long turn in
+    # parts of its own.
+    assert any(COUNT(l3_pieces.embedding_text(p.text)) > 64 for p in pieces)
+    assert [p.first for p in pieces if p.first == p.last == 99] and all(
+        p.first == p.last for p in pieces if "long" in p.text
+    )
+    with pytest.raises(ValueError, match="at least the window"):
+        l3_pieces.chunk(segments, COUNT, 64, row_tokens=32)
 
 
 def test_pieces_are_a_pure_function_of_the_batch() -> None:
