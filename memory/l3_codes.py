@@ -26,6 +26,8 @@ import numpy as np
 
 _LEVELS = np.array([-1.5, -0.5, 0.5, 1.5], dtype=np.float32)
 _SHIFTS = np.array([6, 4, 2, 0], dtype=np.uint8)
+# A byte's four dimensions, as levels: decoding is one table lookup.
+_BYTE_LEVELS = _LEVELS[(np.arange(256, dtype=np.uint8)[:, None] >> _SHIFTS) & 3]
 
 
 def code_bytes(dim: int) -> int:
@@ -51,18 +53,37 @@ def scores(query: Sequence[float], codes: str, dim: int) -> list[float]:
     """``query``'s cosine with each code of ``codes`` (its levels as a vector). A
     malformed or mis-sized value scores nothing (an empty list): ranking then
     falls back to the chunk's own rank."""
-    if not codes:
-        return []
-    try:
-        raw = base64.b64decode(codes, validate=True)
-    except ValueError:
-        return []
-    width = code_bytes(dim)
+    return scores_many(query, [codes], dim)[0]
+
+
+def scores_many(query: Sequence[float], many: Sequence[str], dim: int) -> list[list[float]]:
+    """``scores`` of each value of ``many``, decoded and scored in one pass."""
     q = np.asarray(query, dtype=np.float32)
-    if len(raw) % width or q.shape != (dim,):
-        return []
-    packed = np.frombuffer(raw, dtype=np.uint8).reshape(-1, width)
-    levels = (packed[:, :, None] >> _SHIFTS) & 3
-    vectors = _LEVELS[levels.reshape(len(packed), -1)[:, :dim]]
+    out: list[list[float]] = [[] for _ in many]
+    if q.shape != (dim,):
+        return out
+    width = code_bytes(dim)
+    blobs: list[bytes] = []
+    owners: list[tuple[int, int]] = []  # (index in many, codes in it)
+    for i, codes in enumerate(many):
+        if not codes:
+            continue
+        try:
+            raw = base64.b64decode(codes, validate=True)
+        except ValueError:
+            continue
+        if not raw or len(raw) % width:
+            continue
+        blobs.append(raw)
+        owners.append((i, len(raw) // width))
+    if not blobs:
+        return out
+    packed = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(-1, width)
+    vectors = _BYTE_LEVELS[packed].reshape(len(packed), -1)[:, :dim]
     norms = np.linalg.norm(vectors, axis=1)
-    return [float(x) for x in (vectors @ q) / np.where(norms == 0, 1.0, norms)]
+    cos = ((vectors @ q) / np.where(norms == 0, 1.0, norms)).tolist()
+    at = 0
+    for i, n in owners:
+        out[i] = cos[at : at + n]
+        at += n
+    return out

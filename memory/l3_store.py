@@ -541,6 +541,10 @@ class L3Store:
         (``tiermem_embedding_tokens_cut_total``). Only queries need it: pieces are
         cut to the window by the chunker, with this same counter."""
         window = self.embedder.max_tokens
+        if len(text) <= window:
+            # Every token covers at least one character: nothing to cut, and no
+            # tokenisation (an executor hop) on the search's path.
+            return
         cut = await self._off_loop(lambda: max(0, self.embedder.count_tokens(text) - window))
         if cut and self.metrics is not None:
             self.metrics.embedding_tokens_cut.labels(what).inc(cut)
@@ -824,11 +828,12 @@ def _group(
     ``vector``, the query's, scores the turn codes)."""
     candidates = []
     heads: dict[str, dict[str, Any]] = {}
+    coded = l3_codes.scores_many(vector, [str(row.get(CODES) or "") for row in rows], dim)
     for i, row in enumerate(rows):
         bid = str(row["batch_id"])
         heads.setdefault(bid, row)
         piece = _piece(row)
-        dense = tuple(l3_codes.scores(vector, str(row.get(CODES) or ""), dim))
+        dense = tuple(coded[i])
         candidates.append(
             Candidate(bid, i, piece.kind == SUMMARY, tuple(l3_pieces.turns_of(piece)),
                       piece.text, dense)
