@@ -195,6 +195,7 @@ class Services:
         self.l3 = L3Store.from_settings(
             s, self.milvus, self.embedder, metrics=self.metrics, cpu=self.executors.cpu
         )
+        stack.push_async_callback(self.l3.aclose)
         self.forgetter = Forgetter(self.sessions, self.l2, self.l3, guard_s=s.forget_guard_s)
         try:
             await self.l3.ensure_collection()

@@ -57,6 +57,7 @@ async def store(milvus_dir: Path, executor: ThreadPoolExecutor) -> AsyncIterator
     s = L3Store(milvus, HashingEmbedder(384, executor), COLLECTION, 384)
     await s.ensure_collection()
     yield s
+    await s.aclose()
     await milvus.close()
 
 
@@ -509,3 +510,31 @@ async def test_embedding_failure_raises_l3unavailable(store: L3Store) -> None:
     finally:
         await down.aclose()
     assert await s.count("emb") == 0
+
+
+async def test_rows_left_unflushed_are_flushed_once_archiving_pauses(
+    store: L3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Milvus Lite searches unsealed rows far slower: the last rows of a burst are
+    flushed once no batch has come for a while, not only every 256 rows."""
+    import memory.l3_store as l3_store
+
+    assert store.milvus.is_local
+    monkeypatch.setattr(l3_store, "LITE_IDLE_FLUSH_S", 0.3)
+    loop = asyncio.get_running_loop()
+    await store.upsert_batch(record("idle", "u", "s", 0, 9, "the first batch"))
+    first = store._idle_flush
+    await store.upsert_batch(record("idle", "u", "s", 10, 19, "the second batch"))
+    second = store._idle_flush
+    assert first is not None and second is not None and store._unflushed > 0
+    # Each batch puts the flush back.
+    assert first.cancelled() and second.when() > first.when()
+    # Past its deadline (timers run in deadline order, so it has fired), the flush
+    # it started is awaited.
+    await asyncio.sleep(max(0.0, second.when() - loop.time()) + 0.01)
+    if store._flushing is not None:
+        await store._flushing
+    assert store._unflushed == 0 and store._idle_flush is None
+    assert [r.text for r in await store.list_batches("idle", "s")] == [
+        "the first batch", "the second batch",
+    ]  # fmt: skip
