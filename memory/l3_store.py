@@ -1,17 +1,20 @@
 """L3: archived turn batches in Milvus, per tenant and user, found by what was said.
 
-Each batch is stored as **pieces** (memory/l3_pieces.py): chunks of its
-transcript that fit the embedder's window, and its summary when the archiver
-judged it grounded. Every piece is one row with a dense vector (the embedder) and
-a sparse BM25 vector (computed by Milvus from the row's text), keyed by
+Each batch is stored as **pieces** (memory/l3_pieces.py): chunks of whole turns
+of its transcript, and its summary when the archiver judged it grounded. Each
+turn is embedded on its own (it fits the embedder's window; a longer one is
+split into parts). Every piece is one row with a dense vector (the mean
+direction of its turns' vectors), a sparse BM25 vector (computed by Milvus from
+the row's text) and its turns' codes (memory/l3_codes.py), keyed by
 ``piece_id(batch_id, ...)``: one UPSERT per batch writes all of its rows, and
 archiving the same batch again writes the same keys, never new rows.
 
 Search is hybrid: the dense and the BM25 lists of pieces, fused by reciprocal
-rank fusion inside Milvus (one call), then grouped by batch. A batch ranks by its
-best piece, is returned once, and says which of its turns matched (the turns of
-its best chunks, with their text); its ``text`` is what a prompt carries: the
-summary when that matched, then the matching turns, never the whole batch.
+rank fusion inside Milvus (one call), then ranked again per turn
+(memory/l3_focus.py: each candidate turn's code and own BM25 rank) and grouped by
+batch. A batch ranks by its best turn, is returned once, and says which turn
+matched, with its text; its ``text`` is what a prompt carries: the summary when
+that matched, then that turn, never the whole batch.
 
 Isolation is built in, not left to callers: every read, count and delete goes
 through ``_scope``, which requires a valid tenant and puts it in the filter, and
@@ -26,10 +29,12 @@ transcript): when it exists and ``tiermem reindex`` has not rebuilt it
 fuse its batches in, listings and counts include its batches not rebuilt yet, and
 deletes reach it. Nothing is written to it any more.
 
-The pieces collection records the embedder that filled it and the chunk window
-(collection properties); a store with another embedder, vector size or window
-refuses to use it (``L3SchemaError``) rather than mix two vector spaces or two
-chunkings (whose piece keys would differ).
+The pieces collection records the embedder that filled it and the chunk size
+(collection properties); a store with another embedder, vector size or an
+explicit other chunk size refuses to use it (``L3SchemaError``) rather than mix
+two vector spaces or two chunkings (whose piece keys would differ); the default
+size follows the collection. A pieces collection created before turn codes (no
+``codes`` field) is written without codes and ranked by chunk.
 
 Every Milvus or embedding failure is raised as ``L3Unavailable``: the archiver
 keeps the batch in its L2 outbox and tries again later.
