@@ -387,7 +387,7 @@ class L3Store:
         # ``window``: what one embedding reads (a turn, a part of a long one);
         # ``chunk_tokens``: what one row holds.
         self.chunk_tokens = chunk_tokens
-        self.window = min(int(self.embedder_window), chunk_tokens)
+        self.window = min(self.embedder_window, chunk_tokens)
 
     @property
     def embedder_window(self) -> int:
@@ -588,8 +588,9 @@ class L3Store:
         pieces = await self._off_loop(
             lambda: pieces_of(clean, self.embedder.count_tokens, self.window, self.chunk_tokens)
         )
-        # Each turn on its own (it fits the window, as its chunk does): its vector
-        # is its code, the mean of a chunk's turns is the chunk's vector.
+        # Each turn on its own (each fits the window; a chunk may hold more than
+        # one window of them): its vector is its code, the mean direction of a
+        # chunk's turns is the chunk's vector.
         units = [l3_pieces.units(p) for p in pieces]
         flat = await self._embed([u for us in units for u in us])
         vectors, codes = [], []
@@ -718,8 +719,8 @@ class L3Store:
             )  # fmt: skip
         except MilvusError as exc:
             raise self._unavailable(exc) from exc
-        # About a millisecond of arithmetic on a few dozen rows: on the loop, not
-        # queued behind embeddings in the CPU pool.
+        # 1-3 ms of arithmetic on a few dozen rows: on the loop, not queued
+        # behind embeddings in the CPU pool.
         hits = _group(self._own(rows, tenant, user_id), k, query, vector, self.dim)
         if legacy:
             hits = _fuse_batches(hits, self._legacy_hits(legacy, tenant, user_id), k)
