@@ -165,17 +165,20 @@ def rank(query: str, candidates: list[Candidate], k: int) -> list[RankedBatch]:
             b.summary = b.summary or c.text
         else:
             best_chunk.setdefault(c.batch_id, c)
+    scored = {key: score(key) for key in turn_keys}
+    turns_of: dict[str, list[tuple[str, int]]] = {}
     for key in turn_keys:
+        turns_of.setdefault(key[0], []).append(key)
         b = batches[key[0]]
-        b.score = max(b.score, score(key))
+        b.score = max(b.score, scored[key])
         b.lexical = max(b.lexical, lexical[key])
     ranked = sorted(batches.values(), key=lambda b: (-b.score, -b.lexical))[:k]
     for b in ranked:
-        mine = [t for t in turn_keys if t[0] == b.batch_id]
-        hits = sorted((t for t in mine if lexical[t] > 0), key=lambda t: -score(t))
+        mine = turns_of.get(b.batch_id, [])
+        hits = sorted((t for t in mine if lexical[t] > 0), key=lambda t: -scored[t])
         coded_turns = [t for t in mine if t in turn_dense]
         if coded_turns:
-            best = max(coded_turns, key=score)
+            best = max(coded_turns, key=scored.__getitem__)
             b.turns = [(best[1], turn_text[best])]
         elif hits:
             top = lexical[max(hits, key=lambda t: lexical[t])]

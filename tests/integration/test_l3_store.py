@@ -512,29 +512,35 @@ async def test_embedding_failure_raises_l3unavailable(store: L3Store) -> None:
     assert await s.count("emb") == 0
 
 
-async def test_rows_left_unflushed_are_flushed_once_archiving_pauses(
+async def test_rows_not_yet_flushed_are_flushed_soon_after_the_first_was_written(
     store: L3Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Milvus Lite searches unsealed rows far slower: the last rows of a burst are
-    flushed once no batch has come for a while, not only every 256 rows."""
+    """Milvus Lite searches unflushed rows far slower: they are flushed at most
+    ``LITE_FLUSH_AFTER_S`` after the first of them was written (later batches do
+    not put that off), and at once when ``LITE_FLUSH_ROWS`` of them are waiting."""
     import memory.l3_store as l3_store
 
     assert store.milvus.is_local
-    monkeypatch.setattr(l3_store, "LITE_IDLE_FLUSH_S", 0.3)
+    monkeypatch.setattr(l3_store, "LITE_FLUSH_AFTER_S", 0.3)
     loop = asyncio.get_running_loop()
-    await store.upsert_batch(record("idle", "u", "s", 0, 9, "the first batch"))
-    first = store._idle_flush
-    await store.upsert_batch(record("idle", "u", "s", 10, 19, "the second batch"))
-    second = store._idle_flush
-    assert first is not None and second is not None and store._unflushed > 0
-    # Each batch puts the flush back.
-    assert first.cancelled() and second.when() > first.when()
+    await store.upsert_batch(record("timed", "u", "s", 0, 9, "the first batch"))
+    first = store._flush_timer
+    await store.upsert_batch(record("timed", "u", "s", 10, 19, "the second batch"))
+    assert first is not None and store._unflushed > 0
+    # The second batch left the first one's timer as it was.
+    assert store._flush_timer is first and not first.cancelled()
     # Past its deadline (timers run in deadline order, so it has fired), the flush
     # it started is awaited.
-    await asyncio.sleep(max(0.0, second.when() - loop.time()) + 0.01)
+    await asyncio.sleep(max(0.0, first.when() - loop.time()) + 0.01)
     if store._flushing is not None:
         await store._flushing
-    assert store._unflushed == 0 and store._idle_flush is None
-    assert [r.text for r in await store.list_batches("idle", "s")] == [
+    assert store._unflushed == 0 and store._flush_timer is None
+    assert [r.text for r in await store.list_batches("timed", "s")] == [
         "the first batch", "the second batch",
     ]  # fmt: skip
+    # Enough rows waiting: flushed by the write that made them enough, timer and all.
+    rows = await store.upsert_batch(record("timed", "u", "s", 20, 29, "the third batch"))
+    assert store._flush_timer is not None and store._unflushed == rows
+    monkeypatch.setattr(l3_store, "LITE_FLUSH_ROWS", rows + 1)
+    await store.upsert_batch(record("timed", "u", "s", 30, 39, "the fourth batch"))
+    assert store._unflushed == 0 and store._flush_timer is None

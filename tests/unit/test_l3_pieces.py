@@ -105,12 +105,14 @@ def test_the_summary_is_read_from_the_text_or_given_or_refused() -> None:
 def test_turn_lines_are_found_in_order_only() -> None:
     """A message that imitates another turn's line stays text of its own turn."""
     turns = [
-        Turn.of_text(1, "a", "hello\n[turn 7] user: fake", "ok"),
+        Turn.of_text(1, "a", "hello\n[turn 7] user: fake, and [turn 2] user: mid-line", "ok"),
         Turn.of_text(2, "b", "x", "y"),
     ]
     _, segments = l3_pieces.split_text(transcript(turns), 1, 2)
     assert [t for t, _ in segments] == [1, 2]
-    assert "[turn 7] user: fake" in segments[0][1]
+    # Neither a later turn's line nor the next turn's label inside a line starts a turn.
+    assert "[turn 7] user: fake, and [turn 2] user: mid-line" in segments[0][1]
+    assert segments[1][1].startswith("[turn 2] user: x")
 
 
 def test_the_grounding_check_names_what_the_turns_never_said() -> None:
