@@ -544,3 +544,20 @@ async def test_rows_not_yet_flushed_are_flushed_soon_after_the_first_was_written
     monkeypatch.setattr(l3_store, "LITE_FLUSH_ROWS", rows + 1)
     await store.upsert_batch(record("timed", "u", "s", 30, 39, "the fourth batch"))
     assert store._unflushed == 0 and store._flush_timer is None
+
+
+async def test_rows_written_while_a_timed_flush_runs_get_the_next_one(store: L3Store) -> None:
+    """A timer that fires while the last timed flush still runs arms another, so
+    the rows it found are flushed even if no batch comes after them."""
+    await store.upsert_batch(record("busy", "u", "s", 0, 9, "the first batch"))
+    assert store._flush_timer is not None
+    store._flush_timer.cancel()
+    running = asyncio.get_running_loop().create_future()
+    store._flushing = asyncio.ensure_future(running)
+    try:
+        store._start_timed_flush()
+        assert store._flush_timer is not None and store._unflushed > 0
+    finally:
+        running.set_result(None)
+        await store._flushing
+        store._flushing = None
