@@ -272,6 +272,13 @@ def _error_code(raw: bytes) -> str | None:
 
 
 # --- the audit: what L2 holds against what was acknowledged ---------------------------
+# Settings under which the L2 log keeps every turn of a fault test: a turn leaves
+# the log once archived *and* out of the live context, and a session that writes
+# long enough (54 turns of a fast machine's 7 s failover test, 2026-12-04) would
+# compact its context past archived turns. The audit reads the log alone.
+KEEP_LOG_WHOLE: dict[str, Any] = {"context_budget_tokens": 1_000_000}
+
+
 @dataclass
 class Audit:
     acknowledged: int

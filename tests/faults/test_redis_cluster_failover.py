@@ -21,6 +21,7 @@ import pytest
 from infra.redis_client import create_redis
 from memory.keys import SessionKeys
 from tests.faults.conftest import (
+    KEEP_LOG_WHOLE,
     TENANT,
     ReportFn,
     TurnWorkload,
@@ -151,6 +152,7 @@ async def test_master_killed_during_writes_reports_lost_turns_and_recovers(
     settings = make_settings(
         tmp_path, cluster.url, llm_url=fault_llm.base_url, archive_threshold=5,
         redis_socket_timeout_s=1.0, commit_deadline_s=6.0, ack=ack, ack_timeout_ms=500,
+        **KEEP_LOG_WHOLE,
     )  # fmt: skip
     names = on_victim + elsewhere
     async with (

@@ -29,6 +29,7 @@ from app.services import Services
 from graph.checkpointer import RedisCheckpointSaver
 from memory.keys import SessionKeys
 from tests.faults.conftest import (
+    KEEP_LOG_WHOLE,
     TENANT,
     RedisFactory,
     ReportFn,
@@ -64,7 +65,7 @@ async def test_kill9_and_restart_loses_no_acknowledged_turn(
     server = redis_factory("redis")
     settings = make_settings(
         tmp_path, server.url, llm_url=fault_llm.base_url, archive_threshold=5,
-        redis_socket_timeout_s=1.0, commit_deadline_s=4.0,
+        redis_socket_timeout_s=1.0, commit_deadline_s=4.0, **KEEP_LOG_WHOLE,
     )  # fmt: skip
     names = session_names("k9", 6)
     async with AppServer(settings) as app:
@@ -390,11 +391,18 @@ async def test_full_redis_fails_turns_cleanly_and_stores_only_what_it_acknowledg
 
             # A little room for sixteen turns: three turns' worth as measured on
             # turns 3-4. Later turns cost Redis less than those did (here 7-13 KB
-            # against 22-34 KB), so six turns' worth let all sixteen in, at times.
+            # against 22-34 KB), so six turns' worth let all sixteen in, at times,
+            # and three did too (the suite under a CPU burner, 2026-12-04): where
+            # every squeezed turn got in, the room is halved and the phase run
+            # again, a few times at most.
             room = int(3 * per_turn)
-            await direct.config_set("maxmemory", str(await used_memory(direct) + room))
-            await workload.run(4)
-            squeezed = workload.attempts[-4 * len(names) :]
+            for _ in range(4):
+                await direct.config_set("maxmemory", str(await used_memory(direct) + room))
+                await workload.run(4)
+                squeezed = workload.attempts[-4 * len(names) :]
+                if not all(a.acked for a in squeezed):
+                    break
+                room //= 2
             refused = [a for a in workload.attempts if not a.acked]
             stored_refused = [
                 a.turn_id for a in refused
@@ -516,7 +524,7 @@ async def test_every_key_has_a_ttl_except_unconfirmed_batches(
             raise RuntimeError("injected crash after the L3 upsert")
 
     settings = make_settings(tmp_path, server.url, llm_url=fault_llm.base_url,
-                             archive_threshold=3)  # fmt: skip
+                             archive_threshold=3, **KEEP_LOG_WHOLE)  # fmt: skip
     services = Services(settings, archive_after_upsert=crash_once)
     names = session_names("ttl", 3)
     client = aioredis.from_url(server.url)

@@ -177,11 +177,18 @@ async def test_replica_mode_frozen_replica_means_not_acknowledged(
         finally:
             replica.resume()
         # Thawed: the replica catches up, and the stored turn counts as durable.
-        turn = await l2.committed_turn(TENANT, session, "t1")
-        assert turn is not None and turn.index == 1
-        assert len(log_on(replica.port, session)) == 1
-        with pytest.raises(AlreadyCommitted):
-            await l2.commit(state, Turn.of_text(1, "t1", "hello", "hi"), user_id="u")
+        # A thawed replica may take longer than 300 ms to catch up on a busy
+        # machine (seen under a CPU burner): the wait here is a healthy one.
+        healthy = create_redis(primary.url, socket_timeout=HEALTHY_SOCKET_TIMEOUT_S)
+        try:
+            l2 = store(healthy, "replica", HEALTHY_ACK_TIMEOUT_MS)
+            turn = await l2.committed_turn(TENANT, session, "t1")
+            assert turn is not None and turn.index == 1
+            assert len(log_on(replica.port, session)) == 1
+            with pytest.raises(AlreadyCommitted):
+                await l2.commit(state, Turn.of_text(1, "t1", "hello", "hi"), user_id="u")
+        finally:
+            await healthy.aclose()
     finally:
         await client.aclose()
 
