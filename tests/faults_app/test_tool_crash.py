@@ -64,6 +64,16 @@ def invocations(count_file: Path) -> int:
     return len(count_file.read_text().splitlines()) if count_file.exists() else 0
 
 
+def mcp_connections(log: Path) -> int:
+    """How many times a server process writing ``log`` said its MCP server is in.
+
+    A pod is ready without its MCP servers (it waits 10 s for them, then goes on
+    and lists their tools once they come); a session started before that has no
+    ``local__count``. A stdio server took 12.6 s to start in the suite beside a
+    CPU burner, so the test waits for it, not for readiness alone."""
+    return log.read_text(errors="replace").count("MCP server 'local' connected")
+
+
 def wait_until(predicate: Any, what: str, within_s: float = 120.0) -> None:
     deadline = time.monotonic() + within_s
     while not predicate():
@@ -109,6 +119,7 @@ async def test_kill_after_a_side_effecting_tool_ran_never_runs_it_twice(
     message = f'CALL local__count {{"hold_s": {hold}}}'
     first = ServeProcess(env, log).start()
     try:
+        wait_until(lambda: mcp_connections(log) == 1, "the MCP server of the first process")
         stream_in_background(first.url, sid, message, turn_id)
         wait_until(lambda: invocations(count_file) == 1, "the tool's side effect")
         if kill_point == "after_the_result":
@@ -128,6 +139,7 @@ async def test_kill_after_a_side_effecting_tool_ran_never_runs_it_twice(
     fake_llm.clear_failures()
     second = ServeProcess(env, log).start()
     try:
+        wait_until(lambda: mcp_connections(log) == 2, "the MCP server of the second process")
         r = await retry(second.url, sid, message, turn_id)
         assert r.status_code == 200, r.body
         assert r.done["status"] == "complete", [e.event for e in r.events]
