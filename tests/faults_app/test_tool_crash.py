@@ -119,7 +119,7 @@ async def test_kill_after_a_side_effecting_tool_ran_never_runs_it_twice(
     message = f'CALL local__count {{"hold_s": {hold}}}'
     first = ServeProcess(env, log).start()
     try:
-        wait_until(lambda: mcp_connections(log) == 1, "the MCP server of the first process")
+        wait_until(lambda: mcp_connections(log) >= 1, "the MCP server of the first process")
         stream_in_background(first.url, sid, message, turn_id)
         wait_until(lambda: invocations(count_file) == 1, "the tool's side effect")
         if kill_point == "after_the_result":
@@ -137,9 +137,13 @@ async def test_kill_after_a_side_effecting_tool_ran_never_runs_it_twice(
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
     fake_llm.clear_failures()
+    # The log is shared; the first process may have connected more than once.
+    connected_before = mcp_connections(log)
     second = ServeProcess(env, log).start()
     try:
-        wait_until(lambda: mcp_connections(log) == 2, "the MCP server of the second process")
+        wait_until(
+            lambda: mcp_connections(log) > connected_before, "the MCP server of the second process"
+        )
         r = await retry(second.url, sid, message, turn_id)
         assert r.status_code == 200, r.body
         assert r.done["status"] == "complete", [e.event for e in r.events]
