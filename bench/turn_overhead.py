@@ -278,6 +278,13 @@ def level_result(
         "own": summary(r["own"] for r in records),
         "pre_llm": summary(r["t_llm_request"] for r in records if r.get("t_llm_request")),
         "after_llm": summary(r["after_llm"] for r in records if r.get("after_llm") is not None),
+        # LLM request -> its first token seen by the server: the LLM client's
+        # work both ways plus the LLM's own TTFT (the same for both servers).
+        "llm_leg": summary(
+            r["t_first_token"] - r["t_llm_request"]
+            for r in records
+            if r.get("t_first_token") and r.get("t_llm_request")
+        ),
         "server_cpu_s": cpu,
         "tokens_relayed": tokens,
         "tokens_per_cpu_s": tokens / cpu if cpu > 0 else None,

@@ -486,6 +486,72 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
+class _ReadDeadline:
+    """The deadlines of one response's reads, on one timer for the whole stream.
+
+    A read must return by the first-token deadline until output has started,
+    then within ``read_timeout`` of when it began. Entering ``asyncio.timeout``
+    around every read armed and cancelled a timer per chunk (a few microseconds
+    of the event loop per token, on every turn); this timer is armed once and,
+    when it fires early, moved to the deadline of the read in progress.
+
+    Only a read is timed: the time the consumer spends between events is its
+    own. When the deadline passes while no read is in progress, the timer looks
+    again shortly (``RECHECK_S``) rather than cancel the consumer elsewhere.
+    Expiry cancels the reading task the way ``asyncio.timeout`` does, and
+    ``timed_out`` tells that cancellation from anyone else's.
+    """
+
+    RECHECK_S = 0.05
+
+    __slots__ = (
+        "_base", "_first", "_handle", "_loop", "_read_timeout", "_task",
+        "expired", "output_started", "read_from", "reading",
+    )  # fmt: skip
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, first_deadline: float, read_timeout: float
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None, "reads are timed from inside a task"
+        self._loop = loop
+        self._task = task
+        self._base = task.cancelling()
+        self._first = first_deadline
+        self._read_timeout = read_timeout
+        self.output_started = False
+        self.read_from = 0.0  # when the read in progress began (after output started)
+        self.reading = False
+        self.expired = False
+        self._handle = loop.call_at(first_deadline, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        due = self.read_from + self._read_timeout if self.output_started else self._first
+        if now < due:
+            self._handle = self._loop.call_at(due, self._check)
+        elif not self.reading:
+            self._handle = self._loop.call_at(now + self.RECHECK_S, self._check)
+        else:
+            self.expired = True
+            self._task.cancel()
+
+    def start_read_deadlines(self) -> None:
+        """Output has started: from now on each read has ``read_timeout`` from
+        ``read_from`` (sooner, as a rule, than the first-token deadline)."""
+        self.output_started = True
+        self._handle.cancel()
+        self._handle = self._loop.call_at(self.read_from + self._read_timeout, self._check)
+
+    def timed_out(self) -> bool:
+        """On a CancelledError out of a read: whether this deadline caused it
+        (and no one else asked for a cancel as well)."""
+        return self.expired and self._task.uncancel() <= self._base
+
+    def close(self) -> None:
+        self._handle.cancel()
+
+
 class _ConnectFailed(Exception):
     """Internal: the replica could not be reached; the request may move on."""
 
@@ -536,7 +602,7 @@ class OpenAICompatibleLLM(LLMBase):
         self._max_tokens = max_tokens
         self._temperature = temperature
         # httpx2's own read timeout is only a backstop: the first-token and
-        # between-token deadlines are enforced around each read below.
+        # between-token deadlines are enforced on each read below (_ReadDeadline).
         self._http = httpx2.AsyncClient(
             timeout=httpx2.Timeout(
                 connect=connect_timeout_s,
@@ -801,53 +867,64 @@ class OpenAICompatibleLLM(LLMBase):
                 ttft_ms: float | None = None
                 assembler = ToolCallAssembler()
                 done = False
-                while not done:
-                    # After the first output (ttft_ms set) the per-read deadline
-                    # applies, also to a reply that is only a tool call.
-                    deadline = (
-                        loop.time() + self._read_timeout if ttft_ms is not None else first_deadline
-                    )
-                    try:
-                        async with asyncio.timeout_at(deadline):
+                watch = _ReadDeadline(loop, first_deadline, self._read_timeout)
+                try:
+                    while not done:
+                        # After the first output (ttft_ms set) the per-read deadline
+                        # applies, also to a reply that is only a tool call.
+                        if ttft_ms is not None:
+                            watch.read_from = loop.time()
+                            if not watch.output_started:
+                                watch.start_read_deadlines()
+                        watch.reading = True
+                        try:
                             data = await anext(raw)
-                    except StopAsyncIteration:
-                        if finish_reason is not None:
-                            break  # ended without [DONE]; the reply itself is complete
-                        raise LLMError(
-                            "protocol",
-                            f"LLM replica {replica} ended the stream before the reply finished",
-                            retryable=not emitted,
-                            replica=replica,
-                        ) from None
-                    except TimeoutError:
-                        raise self._timeout_error(replica, ttft_ms is not None, emitted) from None
-                    *lines, pending = (pending + data).split(b"\n")
-                    for line in lines:
-                        payload = _sse_data(line)
-                        if payload is None:
-                            continue
-                        if payload == b"[DONE]":
-                            done = True
-                            break
-                        chunk = _parse_chunk(payload, replica, emitted)
-                        usage = _usage(chunk.get("usage")) or usage
-                        for choice in chunk.get("choices") or ():
-                            finish_reason = choice.get("finish_reason") or finish_reason
-                            delta = choice.get("delta") or {}
-                            text = delta.get("content")
-                            if text:
-                                if ttft_ms is None:
-                                    ttft_ms = (loop.time() - started) * 1000.0
-                                emitted = True
-                                yield LLMToken(text)
-                            fragments = delta.get("tool_calls")
-                            if fragments:
-                                if ttft_ms is None:
-                                    ttft_ms = (loop.time() - started) * 1000.0
-                                try:
-                                    assembler.add(fragments)
-                                except ValueError as e:
-                                    raise _malformed_tool_call(replica, e, emitted) from None
+                        except StopAsyncIteration:
+                            if finish_reason is not None:
+                                break  # ended without [DONE]; the reply itself is complete
+                            raise LLMError(
+                                "protocol",
+                                f"LLM replica {replica} ended the stream before the reply finished",
+                                retryable=not emitted,
+                                replica=replica,
+                            ) from None
+                        except asyncio.CancelledError:
+                            if watch.timed_out():
+                                raise self._timeout_error(
+                                    replica, ttft_ms is not None, emitted
+                                ) from None
+                            raise
+                        finally:
+                            watch.reading = False
+                        *lines, pending = (pending + data).split(b"\n")
+                        for line in lines:
+                            payload = _sse_data(line)
+                            if payload is None:
+                                continue
+                            if payload == b"[DONE]":
+                                done = True
+                                break
+                            chunk = _parse_chunk(payload, replica, emitted)
+                            usage = _usage(chunk.get("usage")) or usage
+                            for choice in chunk.get("choices") or ():
+                                finish_reason = choice.get("finish_reason") or finish_reason
+                                delta = choice.get("delta") or {}
+                                text = delta.get("content")
+                                if text:
+                                    if ttft_ms is None:
+                                        ttft_ms = (loop.time() - started) * 1000.0
+                                    emitted = True
+                                    yield LLMToken(text)
+                                fragments = delta.get("tool_calls")
+                                if fragments:
+                                    if ttft_ms is None:
+                                        ttft_ms = (loop.time() - started) * 1000.0
+                                    try:
+                                        assembler.add(fragments)
+                                    except ValueError as e:
+                                        raise _malformed_tool_call(replica, e, emitted) from None
+                finally:
+                    watch.close()
                 # Read to the end of the body (normally nothing is left after
                 # [DONE]) so the connection returns to the pool: closing it
                 # half-read would make httpx2 drop it and reconnect next turn.

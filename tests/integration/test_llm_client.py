@@ -260,6 +260,47 @@ async def test_stall_between_tokens_times_out(fake: FakeVLLM) -> None:
     assert time.monotonic() - started < 1.5
 
 
+async def test_time_the_consumer_spends_between_tokens_is_not_a_stall(fake: FakeVLLM) -> None:
+    # Only reads are timed: a consumer slower than read_timeout (a slow client
+    # it relays to) gets every token, and no cancellation lands in its own awaits.
+    client = OpenAICompatibleLLM([fake.base_url], first_token_timeout_s=5.0, read_timeout_s=0.2)
+    fake.token_interval_s = 0.0
+    got: list[str] = []
+    done: LLMDone | None = None
+    try:
+        async for ev in client.stream_chat(conversation("hi"), session_key="t:s"):
+            if isinstance(ev, LLMToken):
+                got.append(ev.text)
+                if len(got) <= 2:
+                    await asyncio.sleep(0.5)
+            elif isinstance(ev, LLMDone):
+                done = ev
+    finally:
+        await client.aclose()
+    assert done is not None and done.finish_reason == "stop"
+    assert len(got) > 2
+
+
+async def test_a_consumer_cancelled_mid_read_is_cancelled_not_timed_out(fake: FakeVLLM) -> None:
+    client = OpenAICompatibleLLM([fake.base_url], first_token_timeout_s=5.0, read_timeout_s=0.3)
+    fake.token_interval_s = 1.0
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for ev in client.stream_chat(conversation("hi"), session_key="t:s"):
+            if isinstance(ev, LLMToken):
+                first.set()
+
+    task = asyncio.create_task(consume())
+    try:
+        await asyncio.wait_for(first.wait(), timeout=5.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await client.aclose()
+
+
 async def test_connection_dropped_mid_stream(fake: FakeVLLM, llm: OpenAICompatibleLLM) -> None:
     fake.inject("drop", after_chunks=3)
     got: list[str] = []
