@@ -248,6 +248,8 @@ class Services:
                      self.metrics, checkpointer, tooling, self.agents, self.cache, self._ask_agent,
                      self.skill_detector)
         )  # fmt: skip
+        stack.push_async_callback(self.runner.aclose)
+        self.runner.refill()
         # None when both limits are off: then admission costs nothing.
         self.rate_limiter = RateLimiter.from_settings(s, self.redis, self.metrics)
         await self._start_prewarm(context)

@@ -168,7 +168,11 @@ class BenchServices(Services):
         timed = TimedLLM(self.llm)
         # The archiver keeps the plain client: only turn LLM time is subtracted.
         self.runner.deps.llm = timed
+        # The app's runner gives way to the recording one, warm runs and all.
+        await self.runner.aclose()
         self.runner = RecordingRunner(self, timed)
+        self._stack.push_async_callback(self.runner.aclose)
+        self.runner.refill()
 
 
 def probe_router(services: BenchServices) -> APIRouter:

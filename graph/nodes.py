@@ -98,7 +98,23 @@ class TurnNodes:
     async def prepare(
         self, state: TurnState, runtime: Rt
     ) -> Command[Literal["retrieve", "agent", "__end__"]]:
-        """The session (L1, else L2), the input rules, and what the turn needs."""
+        """The session (L1, else L2), the input rules, and what the turn needs.
+
+        In a run started ahead of its turn (``handoff``, graph/builder.py) it
+        first waits for the turn: its input (which then joins the state) and
+        the turn task's context variables."""
+        handoff = runtime.context.handoff
+        if handoff is None:
+            return await self._prepare(state, runtime)
+        handed = await handoff
+        for var, value in handed.context:
+            var.set(value)
+        cmd = await self._prepare(handed.state, runtime)
+        return Command(update={**handed.state, **(cmd.update or {})}, goto=cmd.goto)
+
+    async def _prepare(
+        self, state: TurnState, runtime: Rt
+    ) -> Command[Literal["retrieve", "agent", "__end__"]]:
         t0 = time.perf_counter()
         ctx = runtime.context
         d = ctx.deps

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict
@@ -118,6 +119,19 @@ class TurnContext:
     # When the request arrived (perf_counter), for TTFT.
     started: float
     run: TurnRun = field(default_factory=TurnRun)
+    # A run started ahead of its turn (graph/builder.py): ``prepare`` waits on
+    # this for the turn's input and the context variables of the turn's task.
+    handoff: asyncio.Future[Handoff] | None = None
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """What a warm run gets when its turn arrives."""
+
+    state: TurnState
+    # The turn task's context variables (log fields: tenant, session), which a
+    # run started from another task does not have.
+    context: tuple[tuple[contextvars.ContextVar[Any], Any], ...]
 
 
 def _merge(old: dict[str, float] | None, new: dict[str, float] | None) -> dict[str, float]:

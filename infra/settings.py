@@ -211,6 +211,10 @@ class Settings(BaseSettings):
     agents_file: Path | None = None
     # How deep agents__ask may nest (an agent asking an agent asking ...).
     agent_max_depth: int = Field(default=2, ge=0, le=8)
+    # Graph runs kept started ahead of their turns (graph/builder.py): LangGraph's
+    # run set-up then happens before a request arrives, not between the request
+    # and its LLM call. 0: every turn starts its own run.
+    graph_warm_runs: int = Field(default=8, ge=0, le=64)
     # How often the agents file and the skills folder are checked for changes.
     config_reload_s: float = Field(default=5.0, gt=0)
 

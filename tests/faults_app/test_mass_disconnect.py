@@ -197,9 +197,16 @@ async def test_clients_leave_mid_stream(
     unfinished = [s for s, (req,) in by_session.items() if req.finished_at is None]
     assert unfinished == []
 
-    # 2. No task left behind after 5 s.
+    # 2. No task left behind after 5 s, but the runner's warm runs: a bounded
+    # pool of runs waiting for the next turns (graph/builder.py), each a task
+    # of its own and the task of the `prepare` step it waits in.
     while True:
-        leftovers = _pending_tasks(baseline)
+        warm = app.services.runner.waiting
+        assert len(warm) <= app.settings.graph_warm_runs
+        leftovers = _pending_tasks(baseline | set(warm))
+        steps = [t for t in leftovers if t.endswith(":RunnableCallable.ainvoke")]
+        if len(steps) <= len(warm):
+            leftovers = [t for t in leftovers if t not in steps]
         if (not app.services.turn_tasks and not leftovers) or (
             time.monotonic() - last_close > NO_TASKS_AFTER_S
         ):

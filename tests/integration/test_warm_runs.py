@@ -1,0 +1,151 @@
+"""Warm graph runs (graph/builder.py): runs started ahead of their turns, waiting in
+``prepare`` for one. A turn handed to a warm run must be the same turn as one
+that starts its own run: its input in the state and the checkpoint, the turn
+task's context variables (log fields) in every step, a clean end at stop.
+Real Redis, the real services, the offline development LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.services import Services
+from graph.checkpointer import RedisCheckpointSaver
+from graph.events import Done, Meta, Token, TurnEvent
+from graph.state import TurnControl, TurnInput
+from infra.dev_llm import OfflineDevLLM
+from tests.harness import make_settings
+
+PROBE: contextvars.ContextVar[str | None] = contextvars.ContextVar("probe", default=None)
+
+
+@pytest.fixture
+async def services(tmp_path: Path, any_redis_url: str) -> AsyncIterator[Services]:
+    s = Services(make_settings(tmp_path, any_redis_url, graph_warm_runs=2))
+    await s.start()
+    yield s
+    await s.stop()
+
+
+def _input(session: str, message: str) -> TurnInput:
+    return TurnInput(
+        tenant="default", session_id=session, user_id="u1", message=message,
+        turn_id=uuid.uuid4().hex, retrieve="never",
+    )  # fmt: skip
+
+
+def _pool(services: Services) -> list[Any]:
+    return services.runner.waiting
+
+
+async def _turn(
+    services: Services, inp: TurnInput, probe: str
+) -> tuple[dict[str, Any], list[tuple[str, str | None]]]:
+    """Runs ``inp`` from a task of its own with PROBE set there, as the app runs a
+    turn with its log fields set; returns the output and, per event, what PROBE
+    read where the event was emitted."""
+    seen: list[tuple[str, str | None]] = []
+
+    def emit(event: TurnEvent) -> None:
+        seen.append((event.name, PROBE.get()))
+
+    async def run() -> dict[str, Any]:
+        PROBE.set(probe)
+        return await services.runner.run(inp, TurnControl(emit=emit))
+
+    return await asyncio.create_task(run()), seen
+
+
+async def test_a_warm_run_commits_the_turn_it_was_handed(services: Services) -> None:
+    assert len(_pool(services)) == 2  # filled at start-up
+    before = services.runner.handoffs
+    session = f"s-{uuid.uuid4().hex[:8]}"
+    inp = _input(session, "what did we plan for Tuesday?")
+    out, seen = await _turn(services, inp, "turn-1")
+    assert services.runner.handoffs == before + 1
+    assert out["turn"] == 1 and out["status"] == "complete"
+    names = [name for name, _ in seen]
+    assert names[0] == "meta" and names[-1] == "done" and "token" in names
+    # The checkpoint holds the handed input, not the run's placeholders.
+    saver = RedisCheckpointSaver(services.redis)
+    config: Any = {"configurable": {"thread_id": f"default:{session}", "checkpoint_ns": ""}}
+    tup = await saver.aget_tuple(config)
+    assert tup is not None
+    values = tup.checkpoint["channel_values"]
+    given = inp.state()
+    for key in ("tenant", "session_id", "user_id", "message", "turn_id", "retrieve"):
+        assert values[key] == given[key], key
+    assert values["session_id"] == session and values["agent"] == "default"
+    stored = await services.l2.load("default", session)
+    assert stored is not None and [t.user for t in stored.turns] == [inp.message]
+    # The pool is topped up again once the turn has ended.
+    assert len(_pool(services)) == 2
+
+
+async def test_every_step_of_a_warm_run_sees_the_turn_tasks_context(services: Services) -> None:
+    session = f"s-{uuid.uuid4().hex[:8]}"
+    before = services.runner.handoffs
+    for n in range(3):
+        _, seen = await _turn(services, _input(session, f"question {n}"), f"turn-{n}")
+        # meta (prepare), tokens (the LLM stream's task), done (commit): each
+        # saw the variables of the task that ran the turn.
+        assert {name for name, _ in seen} >= {"meta", "token", "done"}
+        assert all(probe == f"turn-{n}" for _, probe in seen), seen
+    assert services.runner.handoffs == before + 3
+
+
+async def test_with_no_warm_run_ready_a_turn_starts_its_own(
+    tmp_path: Path, any_redis_url: str
+) -> None:
+    s = Services(make_settings(tmp_path, any_redis_url, graph_warm_runs=0))
+    await s.start()
+    try:
+        session = f"s-{uuid.uuid4().hex[:8]}"
+        out, seen = await _turn(s, _input(session, "hello"), "cold")
+        assert out["status"] == "complete" and s.runner.handoffs == 0
+        assert not _pool(s)
+        assert all(probe == "cold" for _, probe in seen)
+    finally:
+        await s.stop()
+
+
+async def test_stop_ends_the_warm_runs(tmp_path: Path, any_redis_url: str) -> None:
+    s = Services(make_settings(tmp_path, any_redis_url, graph_warm_runs=3))
+    await s.start()
+    tasks = s.runner.waiting
+    assert len(tasks) == 3
+    await s.stop()
+    assert all(t.done() for t in tasks)
+    assert not _pool(s)
+    s.runner.refill()  # a turn ending after stop starts none
+    assert not _pool(s)
+
+
+async def test_a_turn_cancelled_while_it_runs_cancels_its_warm_run(services: Services) -> None:
+    # A reply slow enough to be cut (the development LLM, a token every 50 ms).
+    services.runner.deps.llm = OfflineDevLLM(token_delay_s=0.05)
+    warm = services.runner.waiting[0]
+    events: list[TurnEvent] = []
+    got_token = asyncio.Event()
+
+    def emit(event: TurnEvent) -> None:
+        events.append(event)
+        if isinstance(event, Token):
+            got_token.set()
+
+    session = f"s-{uuid.uuid4().hex[:8]}"
+    task = asyncio.create_task(
+        services.runner.run(_input(session, "a long one"), TurnControl(emit=emit))
+    )
+    await asyncio.wait_for(got_token.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert warm.cancelled()  # the run the turn was handed went with it
+    assert isinstance(events[0], Meta) and not any(isinstance(e, Done) for e in events)
