@@ -141,7 +141,11 @@ class Sessions:
     async def check_owner(self, tenant: str, session_id: str, user_id: str) -> None:
         """Refuses (SessionUserMismatch, 409) a turn of another user than the one
         the session's first turn bound it to, before the turn starts. Free on an
-        L1 hit; on a miss it is the turn's load (kept in L1 for its ``open``)."""
+        L1 hit; on a miss it is the turn's load (kept in L1 for its ``open``). A
+        session L2 does not have is kept as new and bound to no one yet (a turn
+        refused after this check, by the rate limits, binds nothing): its first
+        turn does not ask L2 twice, and the commit's compare-and-set still
+        refuses a session someone else created meanwhile."""
         key = (tenant, session_id)
         state = self.l1.peek(tenant, session_id)
         if state is None:
@@ -153,7 +157,7 @@ class Sessions:
                 # refuses another user's turn anyway.
                 return
             if state is None:
-                return  # a new session: its first turn binds it
+                state = _new_session(tenant, session_id, None)
             if len(self._preloaded) > 10_000:
                 self._preloaded.clear()  # turns that never started; only counters
             self._preloaded.add(key)
@@ -182,6 +186,8 @@ class Sessions:
             if session is None:
                 session = _new_session(tenant, session_id, user_id)
             self.l1.put(session)
+        if session.user_id is None and session.version == 0:
+            session.user_id = user_id  # a new session: its first turn binds it
         if session.user_id and session.user_id != user_id:
             raise SessionUserMismatch()
         return Opened(session, hit)

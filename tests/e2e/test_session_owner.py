@@ -11,7 +11,7 @@ import pytest
 
 from memory.l2_store import L2Store, SessionUserMismatch
 from memory.models import SessionState, Turn
-from tests.harness import AppServer, make_settings, post_turn
+from tests.harness import AppServer, l2_round_trips, make_settings, post_turn
 
 
 async def test_another_users_turn_is_409_and_writes_nothing(
@@ -40,6 +40,47 @@ async def test_another_users_turn_is_409_and_writes_nothing(
         state = (await c.get(f"{pod_b.url}/v1/sessions/{session}")).json()
     assert state["user_id"] == "alice" and state["turn_count"] == 2
     assert [t["user"] for t in state["unarchived_turns"]] == ["I am alice", "still alice"]
+
+
+async def test_a_new_sessions_first_turn_asks_l2_once_and_binds_its_user(
+    tmp_path: Path, any_redis_url: str
+) -> None:
+    """The route's owner check finds no session in L2 and keeps it in L1 as new:
+    the turn's own open does not ask again."""
+    async with (
+        AppServer(make_settings(tmp_path, any_redis_url)) as pod,
+        httpx.AsyncClient(timeout=30) as c,
+    ):
+        session = f"s-{uuid.uuid4().hex[:8]}"
+        before = l2_round_trips(pod.services)
+        first = await post_turn(c, pod.url, session, "I am alice", user="alice", retrieve="never")
+        assert first.done["turn"] == 1 and first.events[0].data["l1_hit"] is False
+        # The load, the commit, the tenant's session index (4 when open asked again).
+        assert l2_round_trips(pod.services) - before == 3
+        r = await post_turn(c, pod.url, session, "I am bob", user="bob")
+        assert r.status_code == 409, r.body
+
+
+async def test_an_owner_check_without_its_turn_binds_no_one(
+    tmp_path: Path, any_redis_url: str
+) -> None:
+    """A first turn refused after the route's owner check (the rate limits) never
+    runs: the session it left in L1 as new is nobody's, so another user's first
+    turn of that id is taken."""
+    async with (
+        AppServer(make_settings(tmp_path, any_redis_url)) as pod,
+        httpx.AsyncClient(timeout=30) as c,
+    ):
+        session = f"s-{uuid.uuid4().hex[:8]}"
+        await pod.services.sessions.check_owner("default", session, "alice")
+        held = pod.services.l1.peek("default", session)
+        assert held is not None and held.user_id is None and held.version == 0
+        bob = await post_turn(c, pod.url, session, "I am bob", user="bob")
+        assert bob.done["turn"] == 1, bob.body
+        state = (await c.get(f"{pod.url}/v1/sessions/{session}")).json()
+        assert state["user_id"] == "bob"
+        alice = await post_turn(c, pod.url, session, "I am alice", user="alice")
+        assert alice.status_code == 409, alice.body
 
 
 async def test_the_commit_script_refuses_another_user(any_redis, any_redis_url: str) -> None:
