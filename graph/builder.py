@@ -61,8 +61,7 @@ _WARM_INPUT: TurnState = {
 
 @dataclass(eq=False)
 class _WarmRun:
-    ctx: TurnContext
-    handoff: asyncio.Future[Handoff]
+    ctx: TurnContext  # its ``handoff`` is what the run waits on
     task: asyncio.Task[dict[str, Any]]
     context: contextvars.Context
 
@@ -155,7 +154,8 @@ class TurnRunner:
         turn_vars = tuple(contextvars.copy_context().items())
         for var, value in turn_vars:
             warm.context.run(var.set, value)
-        warm.handoff.set_result(Handoff(inp.state(), turn_vars))
+        assert warm.ctx.handoff is not None
+        warm.ctx.handoff.set_result(Handoff(inp.state(), turn_vars))
         return await warm.task
 
     @property
@@ -186,12 +186,12 @@ class TurnRunner:
                 self.graph.ainvoke(_WARM_INPUT, context=ctx, config=self._config()),
                 context=context,
             )
-            self._warm.append(_WarmRun(ctx, handoff, task, context))
+            self._warm.append(_WarmRun(ctx, task, context))
 
     async def aclose(self) -> None:
         """Ends the warm runs (each still waiting for a turn: nothing to undo)."""
         self._closed = True
-        warm = [w.task for w in self._warm]
+        warm = self.waiting
         self._warm.clear()
         for task in warm:
             task.cancel()

@@ -40,10 +40,6 @@ def _input(session: str, message: str) -> TurnInput:
     )  # fmt: skip
 
 
-def _pool(services: Services) -> list[Any]:
-    return services.runner.waiting
-
-
 async def _turn(
     services: Services, inp: TurnInput, probe: str
 ) -> tuple[dict[str, Any], list[tuple[str, str | None]]]:
@@ -63,7 +59,7 @@ async def _turn(
 
 
 async def test_a_warm_run_commits_the_turn_it_was_handed(services: Services) -> None:
-    assert len(_pool(services)) == 2  # filled at start-up
+    assert len(services.runner.waiting) == 2  # filled at start-up
     before = services.runner.handoffs
     session = f"s-{uuid.uuid4().hex[:8]}"
     inp = _input(session, "what did we plan for Tuesday?")
@@ -85,7 +81,7 @@ async def test_a_warm_run_commits_the_turn_it_was_handed(services: Services) -> 
     stored = await services.l2.load("default", session)
     assert stored is not None and [t.user for t in stored.turns] == [inp.message]
     # The pool is topped up again once the turn has ended.
-    assert len(_pool(services)) == 2
+    assert len(services.runner.waiting) == 2
 
 
 async def test_every_step_of_a_warm_run_sees_the_turn_tasks_context(services: Services) -> None:
@@ -109,7 +105,7 @@ async def test_with_no_warm_run_ready_a_turn_starts_its_own(
         session = f"s-{uuid.uuid4().hex[:8]}"
         out, seen = await _turn(s, _input(session, "hello"), "cold")
         assert out["status"] == "complete" and s.runner.handoffs == 0
-        assert not _pool(s)
+        assert not s.runner.waiting
         assert all(probe == "cold" for _, probe in seen)
     finally:
         await s.stop()
@@ -122,9 +118,9 @@ async def test_stop_ends_the_warm_runs(tmp_path: Path, any_redis_url: str) -> No
     assert len(tasks) == 3
     await s.stop()
     assert all(t.done() for t in tasks)
-    assert not _pool(s)
+    assert not s.runner.waiting
     s.runner.refill()  # a turn ending after stop starts none
-    assert not _pool(s)
+    assert not s.runner.waiting
 
 
 async def test_a_turn_cancelled_while_it_runs_cancels_its_warm_run(services: Services) -> None:
