@@ -121,6 +121,8 @@ class Stack:
         self._n += 1
         if kind == "bare":
             return ServerProcess("bench.bare_relay", ["--llm-url", self.llm_url]).start()
+        if kind == "graph":
+            return ServerProcess("bench.graph_relay", ["--llm-url", self.llm_url]).start()
         data = self.tmp / f"app{self._n}"
         env = tiermem_env(self.redis.url, self.llm_url, data, self.args.threshold)
         return ServerProcess("bench.tiermem_proc", env=env).start()
@@ -645,6 +647,32 @@ def tables(levels: list[dict[str, Any]], fig: dict[str, Any] | None, args: argpa
                            num(r["own"]), target])  # fmt: skip
     out.append(t)
 
+    if any(r["kind"] == "graph" for r in levels):
+        t = Table(
+            "The floor under tiermem: the bare relay as a LangGraph run (bench/graph_relay.py)",
+            ["sessions", "round", "graph relay TTFT overhead median + ms over bare",
+             "graph relay p99 ×", "graph relay CPU / turn ×", "tiermem CPU / graph relay CPU"],
+        )  # fmt: skip
+        for r in levels:
+            if r["kind"] != "graph":
+                continue
+            key = (r["sessions"], r["round"])
+            bare, tm = by.get(("bare", *key)), by.get(("tiermem", *key))
+            if bare is None:
+                continue
+            f = pair_ratios(r, bare)
+            tm_cpu = ratio(tm["cpu_ms_per_turn"] or math.nan, r["cpu_ms_per_turn"] or math.nan
+                           ) if tm else math.nan  # fmt: skip
+            t.rows.append([str(r["sessions"]), str(r["round"]), ms(f["above"]), num(f["p99"]),
+                           num(f["cpu"]), num(tm_cpu)])  # fmt: skip
+        t.note = (
+            "Same route, body, LLM request and events as the bare relay; each turn a "
+            "3-node LangGraph run (prepare -> agent -> commit, only the relay's work) in a "
+            "task of its own, read by the response through a queue. What it costs over the "
+            "bare relay is what that structure alone costs, before any memory work."
+        )
+        out.append(t)
+
     t = Table(
         "tiermem per concurrency: memory, Redis, L1",
         ["sessions", "RSS / session KiB", "L1 bytes / session KiB",
@@ -811,6 +839,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bare relay and tiermem alternate this many times per level; the ratios are "
         "then given per round and as their median, the issue-10 targets judged on the median",
     )  # fmt: skip
+    p.add_argument(
+        "--graph-relay", action="store_true",
+        help="also run bench/graph_relay.py (the bare relay as a 3-node LangGraph run in a "
+        "task of its own): the floor that structure sets under tiermem",
+    )  # fmt: skip
     p.add_argument("--skip-levels", action="store_true")
     p.add_argument("--skip-figures", action="store_true")
     p.add_argument("--name", default="turn_overhead", help="results file name")
@@ -821,6 +854,7 @@ async def amain(args: argparse.Namespace) -> int:
     info = machine_info()
     console.print(f"[bold]turn_overhead[/bold] · {machine_line(info)}")
     levels_c = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    kinds = ("bare", "graph", "tiermem") if args.graph_relay else ("bare", "tiermem")
     stack = Stack(args)
     levels: list[dict[str, Any]] = []
     fig: dict[str, Any] | None = None
@@ -833,7 +867,7 @@ async def amain(args: argparse.Namespace) -> int:
                     turns = args.single_turns if c == 1 else args.turns
                     think = 0.0 if c == 1 else args.think_ms / 1000.0
                     for n in range(1, args.rounds + 1):
-                        for kind in ("bare", "tiermem"):
+                        for kind in kinds:
                             levels.append(await run_level(stack, kind, c, turns, think,
                                                           progress, n))  # fmt: skip
             if not args.skip_figures:
