@@ -76,12 +76,52 @@ class MiniLMTokenizer:
         tok.no_truncation()
         tok.no_padding()
         self._tok = tok
+        self._words: dict[str, int] = {}
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
     def count(self, text: str) -> int:
-        return len(self._tok.encode(text, add_special_tokens=False).ids)
+        """The number of tokens ``encode`` gives, for short ASCII text from the
+        counts of its words.
+
+        In a busy server the tokenizer's tables are out of the CPU's caches by
+        the time a turn counts its message: one call on an 80-character message
+        took about 150 us there against 32 us in a loop (the same text, cache
+        polluted between calls: 148 vs 32 us). Every turn counts its message
+        before the LLM request and its reply at commit. WordPiece splits each
+        word on its own, so a text's count is the sum of its words' counts:
+        ASCII text is normalised and split here as ``BertNormalizer`` and
+        ``BertPreTokenizer`` do it (control characters dropped, lower case,
+        split at whitespace, each punctuation mark a word of its own) and each
+        word counted once by the tokenizer itself, then remembered. Other text,
+        and long text (where the tokenizer's own loop is the faster), go to the
+        tokenizer whole. tests/unit/test_tokenizer.py holds the two to the same
+        counts.
+        """
+        if len(text) > _WORD_COUNT_MAX_CHARS or not text.isascii():
+            return len(self._tok.encode(text, add_special_tokens=False))
+        words = self._words
+        n = 0
+        for word in _ASCII_WORDS.findall(text.translate(_ASCII_CONTROLS).lower()):
+            c = words.get(word)
+            if c is None:
+                c = len(self._tok.encode(word, add_special_tokens=False))
+                if len(words) >= _WORD_CACHE_SIZE:
+                    words.clear()  # a new vocabulary of words: start again
+                words[word] = c
+            n += c
+        return n
+
+
+# What BertNormalizer(clean_text=True) drops from ASCII text: control
+# characters but tab, newline and carriage return (which become spaces).
+_ASCII_CONTROLS = {c: None for c in (*range(0, 9), 11, 12, *range(14, 32), 127)}
+# BertPreTokenizer on normalised ASCII: runs of letters and digits, and each
+# punctuation mark alone (every other printable ASCII character is one).
+_ASCII_WORDS = re.compile(r"[a-z0-9]+|[^a-z0-9 \t\n\r]")
+_WORD_COUNT_MAX_CHARS = 4096
+_WORD_CACHE_SIZE = 50_000
 
 
 class ModelTokenizer:
@@ -108,7 +148,8 @@ class ModelTokenizer:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
     def count(self, text: str) -> int:
-        return len(self._tok.encode(text, add_special_tokens=False).ids)
+        # The encoding's length, not a Python list of its ids (15% less).
+        return len(self._tok.encode(text, add_special_tokens=False))
 
 
 _WORD_OR_PUNCT = re.compile(r"\w+|[^\w\s]")

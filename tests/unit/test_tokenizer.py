@@ -54,6 +54,41 @@ def test_minilm_loads_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
     assert MiniLMTokenizer().count("offline") >= 1
 
 
+@needs_minilm
+def test_minilm_counts_what_it_encodes() -> None:
+    """``count`` sums cached word counts for short ASCII text: it must still be
+    exactly ``len(encode(text))``, control characters, punctuation, long words,
+    chat markup and non-ASCII text included."""
+    import random
+    import string
+
+    tok = MiniLMTokenizer()
+    rng = random.Random(7)
+    controls = "".join(chr(c) for c in (*range(32), 127))
+    texts = [
+        "",
+        " ",
+        "Hello, world!",
+        "naïve café",
+        "東京 tokyo",
+        "x" * 101,
+        "a\x0bb\x0cc\x1cd\x7fe",
+        "tab\there\nnew\rline",
+        render_chat([{"role": "user", "content": "Plan the trip?"}]),
+        "don't stop-believing (ok)... [sic] {x: 1} #tag @me 3.14 $5 50% a+b=c ~/.bashrc",
+    ]
+    for i in range(3000):
+        n = rng.randint(0, 160)
+        pool = (string.printable + controls, string.ascii_letters + string.digits + " ",
+                "aZ9 .,\t\n\r\x0b\x0c\x1f\x7f\x00#'é")[i % 3]  # fmt: skip
+        texts.append("".join(rng.choice(pool) for _ in range(n)))
+    texts.append(" ".join(["memory", "plan"] * 3000))  # past the word path: whole
+    for text in texts:
+        assert tok.count(text) == len(tok.encode(text)), repr(text[:60])
+    # Counting again (the words remembered) gives the same.
+    assert [tok.count(t) for t in texts[:50]] == [len(tok.encode(t)) for t in texts[:50]]
+
+
 def test_regex_tokenizer_splits_words_and_punctuation() -> None:
     tok = RegexTokenizer()
     text = "Hello, world! It's 42."
