@@ -137,10 +137,11 @@ class StablePrefix:
         rules = self._rules_text()
         return self.system_prompt + ("\n\n" + rules if rules else "")
 
-    @property
+    @cached_property
     def version(self) -> str:
         # Two halves, so a break can be blamed on the system prompt or the tools
-        # (skills and output rules count with the tools).
+        # (skills and output rules count with the tools). Kept: every turn's
+        # plan reads it, and the tools' canonical JSON is most of a prefix.
         return _h(self.system_prompt) + _h(_canonical(list(self.tools)) + self._rules_text())
 
 
