@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -46,8 +46,10 @@ def frame(event_id: str, event: str, data: dict[str, Any]) -> bytes:
     )  # fmt: skip
 
 
-def build(llm_url: str) -> FastAPI:
-    records: list[dict[str, Any]] = []
+def relay_app(llm_url: str, records: list[dict[str, Any]]) -> tuple[FastAPI, dict[str, Any]]:
+    """The app a relay's turn route goes in: the LLM client and model name (in the
+    returned state, once started), ``/healthz``, and the probe endpoints the
+    driver reads (``records``: one per turn)."""
     proc = psutil.Process()
     state: dict[str, Any] = {}
 
@@ -66,6 +68,25 @@ def build(llm_url: str) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
+
+    @app.get("/bench/turns")
+    async def turns(request: Request) -> list[dict[str, Any]]:
+        out = list(records)
+        if request.query_params.get("clear"):
+            records.clear()
+        return out
+
+    @app.get("/bench/stats")
+    async def stats() -> dict[str, Any]:
+        cpu = proc.cpu_times()
+        return {"cpu_s": cpu.user + cpu.system, "rss": proc.memory_info().rss}
+
+    return app, state
+
+
+def build(llm_url: str) -> FastAPI:
+    records: list[dict[str, Any]] = []
+    app, state = relay_app(llm_url, records)
 
     @app.post("/v1/sessions/{session_id}/turns")
     async def turn(session_id: str, body: TurnBody) -> StreamingResponse:
@@ -132,30 +153,25 @@ def build(llm_url: str) -> FastAPI:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )  # fmt: skip
 
-    @app.get("/bench/turns")
-    async def turns(request: Request) -> list[dict[str, Any]]:
-        out = list(records)
-        if request.query_params.get("clear"):
-            records.clear()
-        return out
-
-    @app.get("/bench/stats")
-    async def stats() -> dict[str, Any]:
-        cpu = proc.cpu_times()
-        return {"cpu_s": cpu.user + cpu.system, "rss": proc.memory_info().rss}
-
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+def serve_relay(build_app: Callable[[str], FastAPI], doc: str | None,
+                argv: list[str] | None = None) -> None:  # fmt: skip
+    """``--port P --llm-url URL``: the relay ``build_app`` makes, under uvicorn
+    with uvloop and httptools, like tiermem."""
+    p = argparse.ArgumentParser(description=doc)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--llm-url", required=True, help="OpenAI-compatible base URL ending in /v1")
     args = p.parse_args(argv)
     serve(uvicorn.Config(
-        build(args.llm_url.rstrip("/")), host="127.0.0.1", port=args.port, loop="uvloop",
+        build_app(args.llm_url.rstrip("/")), host="127.0.0.1", port=args.port, loop="uvloop",
         http="httptools", log_level="warning", access_log=False,
     ))  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    serve_relay(build, __doc__, argv)
 
 
 if __name__ == "__main__":
