@@ -24,13 +24,12 @@ from typing import Any
 
 import httpx2
 import orjson
-import psutil
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
-from bench.common import serve
+from bench.common import add_probe_routes, serve
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -46,11 +45,22 @@ def frame(event_id: str, event: str, data: dict[str, Any]) -> bytes:
     )  # fmt: skip
 
 
+def chat_request(model: str, message: str) -> dict[str, Any]:
+    """The relay's LLM request: one system + one user message, streamed with usage."""
+    return {
+        "model": model,
+        "messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                     {"role": "user", "content": message}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 512,
+    }  # fmt: skip
+
+
 def relay_app(llm_url: str, records: list[dict[str, Any]]) -> tuple[FastAPI, dict[str, Any]]:
     """The app a relay's turn route goes in: the LLM client and model name (in the
     returned state, once started), ``/healthz``, and the probe endpoints the
     driver reads (``records``: one per turn)."""
-    proc = psutil.Process()
     state: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -69,18 +79,7 @@ def relay_app(llm_url: str, records: list[dict[str, Any]]) -> tuple[FastAPI, dic
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
 
-    @app.get("/bench/turns")
-    async def turns(request: Request) -> list[dict[str, Any]]:
-        out = list(records)
-        if request.query_params.get("clear"):
-            records.clear()
-        return out
-
-    @app.get("/bench/stats")
-    async def stats() -> dict[str, Any]:
-        cpu = proc.cpu_times()
-        return {"cpu_s": cpu.user + cpu.system, "rss": proc.memory_info().rss}
-
+    add_probe_routes(app, records)
     return app, state
 
 
@@ -98,14 +97,7 @@ def build(llm_url: str) -> FastAPI:
             rec: dict[str, Any] = {"session": session_id, "l1_hit": None}
             yield frame(f"{turn_id}:{seq}", "meta", {"turn_id": turn_id, "session_id": session_id})
             seq += 1
-            request = {
-                "model": state["model"],
-                "messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                             {"role": "user", "content": body.message}],
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "max_tokens": 512,
-            }  # fmt: skip
+            request = chat_request(state["model"], body.message)
             usage: dict[str, Any] | None = None
             wait = 0.0
             rec["t_llm_request"] = time.perf_counter() - started

@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 import orjson
+import psutil
+from fastapi import FastAPI, Request
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -411,6 +413,25 @@ async def wait_until(pred: Any, within_s: float = 30.0, interval: float = 0.02) 
             return True
         await asyncio.sleep(interval)
     return bool(await pred())
+
+
+def add_probe_routes(app: FastAPI, records: list[dict[str, Any]]) -> None:
+    """The probe endpoints of a server under test that keeps its own per-turn
+    ``records``: ``GET /bench/turns`` (``?clear=1`` empties them) and
+    ``GET /bench/stats`` (the process's CPU time and RSS)."""
+    proc = psutil.Process()
+
+    @app.get("/bench/turns")
+    async def turns(request: Request) -> list[dict[str, Any]]:
+        out = list(records)
+        if request.query_params.get("clear"):
+            records.clear()
+        return out
+
+    @app.get("/bench/stats")
+    async def stats() -> dict[str, Any]:
+        cpu = proc.cpu_times()
+        return {"cpu_s": cpu.user + cpu.system, "rss": proc.memory_info().rss}
 
 
 def serve(config: Any) -> None:

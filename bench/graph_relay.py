@@ -30,7 +30,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from starlette.responses import StreamingResponse
 
-from bench.bare_relay import SYSTEM_PROMPT, TurnBody, frame, relay_app, serve_relay
+from bench.bare_relay import TurnBody, chat_request, frame, relay_app, serve_relay
 
 
 class RelayState(TypedDict, total=False):
@@ -66,14 +66,7 @@ async def prepare(state: RelayState, runtime: Runtime[RelayContext]) -> dict[str
 async def agent(state: RelayState, runtime: Runtime[RelayContext]) -> dict[str, Any]:
     ctx = runtime.context
     rec = ctx.rec
-    request = {
-        "model": ctx.model,
-        "messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                     {"role": "user", "content": state["message"]}],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "max_tokens": 512,
-    }  # fmt: skip
+    request = chat_request(ctx.model, state["message"])
     usage: dict[str, Any] | None = None
     pieces: list[str] = []
     wait = 0.0

@@ -26,9 +26,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-import psutil
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
@@ -39,6 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
+from bench.common import add_probe_routes
 from infra.llm import LLMDone, LLMToken, OpenAICompatibleLLM
 from infra.settings import Settings
 
@@ -109,7 +109,6 @@ def pool_for(dsn: str, max_size: int = 20) -> AsyncConnectionPool:
 
 def build(llm_url: str, dsn: str) -> FastAPI:
     records: list[dict[str, Any]] = []
-    proc = psutil.Process()
     state: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -171,18 +170,7 @@ def build(llm_url: str, dsn: str) -> FastAPI:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )  # fmt: skip
 
-    @app.get("/bench/turns")
-    async def turns(request: Request) -> list[dict[str, Any]]:
-        out = list(records)
-        if request.query_params.get("clear"):
-            records.clear()
-        return out
-
-    @app.get("/bench/stats")
-    async def stats() -> dict[str, Any]:
-        cpu = proc.cpu_times()
-        return {"cpu_s": cpu.user + cpu.system, "rss": proc.memory_info().rss}
-
+    add_probe_routes(app, records)
     return app
 
 
