@@ -438,7 +438,7 @@ async def cold_load(
                     await post_turn_timed(client, tm.url, sid, n + k + 1, user_message(5, n + k))
                     rec = (await get_json(client, tm.url + "/bench/turns?clear=1"))[-1]
                     if rec["l1_hit"] is False:
-                        phases.append(rec["timings"]["load"])
+                        phases.append(rec["timings"]["prepare"])
                         pre.append(rec["t_llm_request"])
                 entry["tm_service_load"] = summary(phases)
                 entry["tm_service_pre_llm"] = summary(pre)
