@@ -90,7 +90,7 @@ test: install browser
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy app graph memory infra
+	$(BIN)/mypy app graph memory infra bench
 
 bench: install
 	$(BIN)/python bench/turn_overhead.py

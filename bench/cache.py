@@ -50,7 +50,9 @@ async def timed(client: openai.AsyncOpenAI, messages: list[dict[str, str]]) -> d
     )  # fmt: skip
     first: float | None = None
     parts = []
-    async for chunk in raw.parse():
+    stream = raw.parse()
+    assert isinstance(stream, openai.AsyncStream)  # stream=True
+    async for chunk in stream:
         for choice in chunk.choices:
             if choice.delta.content:
                 first = first if first is not None else time.perf_counter() - t0

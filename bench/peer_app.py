@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
 from bench.common import add_probe_routes
-from infra.llm import LLMDone, LLMToken, OpenAICompatibleLLM
+from infra.llm import ChatMessage, LLMDone, LLMToken, OpenAICompatibleLLM, Role
 from infra.settings import Settings
 
 # The same system prompt as tiermem's default, so both send the same prefix.
@@ -57,16 +57,16 @@ def frame(event_id: str, event: str, data: dict[str, Any]) -> bytes:
     )  # fmt: skip
 
 
-def _openai(m: AnyMessage) -> dict[str, str]:
-    role = {"human": "user", "ai": "assistant", "system": "system"}.get(m.type, "user")
-    return {"role": role, "content": str(m.content)}
+def _openai(m: AnyMessage) -> ChatMessage:
+    roles: dict[str, Role] = {"human": "user", "ai": "assistant", "system": "system"}
+    return {"role": roles.get(m.type, "user"), "content": str(m.content)}
 
 
 def build_graph(llm: OpenAICompatibleLLM, saver: AsyncPostgresSaver) -> Any:
     async def chatbot(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
         writer = get_stream_writer()
         thread = config["configurable"]["thread_id"]
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+        messages: list[ChatMessage] = [{"role": "system", "content": SYSTEM_PROMPT}]
         messages += [_openai(m) for m in state["messages"]]
         writer({"kind": "llm_request", "at": time.perf_counter()})
         pieces: list[str] = []

@@ -415,9 +415,9 @@ async def measure_service(args: argparse.Namespace, users: list[DUser]) -> dict[
             t = time.perf_counter()
             await search_all(client, srv.url, questions, args.ks)
             out["search_s"] = time.perf_counter() - t
-            retried = sum(q.retried_searches for q in questions)
-            if retried:
-                console.print(f"  {retried} searches answered 503 and were retried")
+            retried_searches = sum(q.retried_searches for q in questions)
+            if retried_searches:
+                console.print(f"  {retried_searches} searches answered 503 and were retried")
             try:
                 m = (await client.get(srv.url + "/metrics")).text
                 out["metrics"] = {

@@ -127,7 +127,7 @@ def new_session() -> str:
 
 def log_on(server_port: int, session: str) -> list[bytes]:
     with redis.Redis(host="127.0.0.1", port=server_port, socket_timeout=2) as c:
-        return list(c.lrange(SessionKeys(TENANT, session).log, 0, -1))  # type: ignore[arg-type]
+        return list(c.lrange(SessionKeys(TENANT, session).log, 0, -1))
 
 
 async def test_replica_mode_returns_once_the_replica_has_the_turn(
