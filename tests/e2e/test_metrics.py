@@ -21,7 +21,9 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_metrics_after_turns(tmp_path: Path, redis_url: str) -> None:
-    llm = FakeVLLM(reply_tokens=10).start()
+    # A first token that takes a while, as a real LLM's does: the agent phase
+    # (which waits for the reply) must be the LLM's time, the plan only ours.
+    llm = FakeVLLM(reply_tokens=10, first_token_delay_s=0.05).start()
     try:
         settings = make_settings(tmp_path, redis_url, llm_url=llm.base_url)
         sid = "m-" + uuid.uuid4().hex[:8]
@@ -48,6 +50,7 @@ async def test_metrics_after_turns(tmp_path: Path, redis_url: str) -> None:
     for phase in ("prepare", "agent", "commit", "plan"):
         assert m[("tiermem_phase_seconds_count", (("phase", phase),))] == 3
     plan_s = m[("tiermem_phase_seconds_sum", (("phase", "plan"),))]
+    # Less than the LLM's three first tokens: the wait for the reply is not in it.
     assert 0 < plan_s < m[("tiermem_phase_seconds_sum", (("phase", "agent"),))]
     # Round trips to Redis: the first turn loads (a miss), commits; the others
     # only commit.
