@@ -34,20 +34,21 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import orjson
+from langgraph.graph import END
 from langgraph.runtime import Runtime
-from langgraph.types import Command
+from langgraph.types import Command, Overwrite
 
 from graph.agents import AgentProfile, Agents
 from graph.checkpointer import RedisCheckpointSaver
 from graph.events import Done, Error, Memory, Meta, SkillUsed, Token, ToolCalled, ToolResult
 from graph.guard import check_message, needs_memory
 from graph.reply import ReplyOutcome, ReplyStream
-from graph.state import PER_TURN_RESET, TurnContext, TurnState
+from graph.state import PER_TURN_RESET, TurnContext, TurnOutput, TurnState
 from graph.tools import Tooling, ToolOutcome, tool_message
 from infra.errors import TiermemError
 from infra.llm import ChatMessage, LLMClient, ToolCall, assistant_message
@@ -97,20 +98,25 @@ class TurnNodes:
     # --- prepare ------------------------------------------------------------------
     async def prepare(
         self, state: TurnState, runtime: Rt
-    ) -> Command[Literal["retrieve", "agent", "__end__"]]:
+    ) -> Command[Literal["retrieve", "agent", "prepare", "__end__"]]:
         """The session (L1, else L2), the input rules, and what the turn needs.
 
-        In a run started ahead of its turn (``handoff``, graph/builder.py) it
-        first waits for the turn: its input (which then joins the state) and
-        the turn task's context variables."""
-        handoff = runtime.context.handoff
+        In a run of the runner's pool (``handoff``, graph/builder.py) it first
+        waits for the next turn: its input (which then joins the state) and the
+        turn task's context variables."""
+        ctx = runtime.context
+        handoff = ctx.handoff
         if handoff is None:
-            return await self._prepare(state, runtime)
-        handed = await handoff
+            own = await self._prepare(state, runtime)
+            return Command(update=own.update, goto=own.goto)
+        handed = ctx.handed = await handoff
         for var, value in handed.context:
             var.set(value)
         cmd = await self._prepare(handed.state, runtime)
-        return Command(update={**handed.state, **(cmd.update or {})}, goto=cmd.goto)
+        update = {**handed.state, **(cmd.update or {})}
+        if cmd.goto == END:
+            return Command(update=update, goto=_ended(ctx, state, update))
+        return Command(update=update, goto=cmd.goto)
 
     async def _prepare(
         self, state: TurnState, runtime: Rt
@@ -132,7 +138,7 @@ class TurnNodes:
                 return Command(
                     update={**PER_TURN_RESET, "turn": stored.index, "l1_hit": opened.l1_hit,
                             "replayed": True, "status": stored.status,
-                            "timings": {"prepare": _since(t0)}},
+                            "timings": _fresh({"prepare": _since(t0)})},
                     goto="__end__",
                 )  # fmt: skip
             if stored is not None:
@@ -155,14 +161,14 @@ class TurnNodes:
                              "agent": agent.name, "skills_block": skills_block}  # fmt: skip
         if need:
             ctx.control.underway.set()  # the L3 search comes first
-            update["timings"] = {"prepare": _since(t0)}
+            update["timings"] = _fresh({"prepare": _since(t0)})
             return Command(update=update, goto="retrieve")
         # Nothing to retrieve: the prompt is known now, so the request goes out
         # now, before LangGraph's next step.
         load_s = _since(t0)
         plan_s = await _start_reply(ctx, state, session, skills_block, retry_of,
                                     resumed.messages, resumed.steps + 1)  # fmt: skip
-        update["timings"] = {"prepare": load_s, "plan": plan_s}
+        update["timings"] = _fresh({"prepare": load_s, "plan": plan_s})
         return Command(update=update, goto="agent")
 
     # --- retrieve -----------------------------------------------------------------
@@ -329,7 +335,9 @@ class TurnNodes:
         return Command(update=update, goto=goto)
 
     # --- commit -------------------------------------------------------------------
-    async def commit(self, state: TurnState, runtime: Rt) -> Command[Literal["archive", "__end__"]]:
+    async def commit(
+        self, state: TurnState, runtime: Rt
+    ) -> Command[Literal["archive", "prepare", "__end__"]]:
         """The turn into L2 (one compare-and-set round trip, with its checkpoint),
         then L1; then ``done`` (or ``error``) to the client."""
         t0 = time.perf_counter()
@@ -391,11 +399,9 @@ class TurnNodes:
         )  # fmt: skip
         if committed.duplicate_of is not None:
             ctx.control.emit(Done(state["turn_id"], committed.duplicate_of, "duplicate", usage))
-            return Command(
-                update={"turn": committed.duplicate_of, "archive_batch": None,
-                        "timings": {"commit": _since(t0)}},
-                goto="__end__",
-            )  # fmt: skip
+            dup: TurnState = {"turn": committed.duplicate_of, "archive_batch": None,
+                              "timings": {"commit": _since(t0)}}  # fmt: skip
+            return Command(update=dup, goto=_ended(ctx, state, dup))
         version = committed.version
         self._record_metrics(d.metrics, usage, reason)
         archive_batch = _due(d, session, turn.index, threshold)
@@ -415,11 +421,10 @@ class TurnNodes:
             ctx.control.emit(Done(turn.turn_id, turn.index, status, usage, version=version,
                                   interrupted_by=interrupted_by, error=error))  # fmt: skip
         d.metrics.turns.labels(status).inc()
-        return Command(
-            update={"turn": turn.index, "version": version, "usage": usage,
-                    "archive_batch": archive_batch, "timings": {"commit": _since(t0)}},
-            goto="archive" if archive_batch else "__end__",
-        )  # fmt: skip
+        done: TurnState = {"turn": turn.index, "version": version, "usage": usage,
+                           "archive_batch": archive_batch,
+                           "timings": {"commit": _since(t0)}}  # fmt: skip
+        return Command(update=done, goto="archive" if archive_batch else _ended(ctx, state, done))
 
     @staticmethod
     def _record_metrics(m: Metrics, usage: dict[str, Any], reason: str | None) -> None:
@@ -432,11 +437,38 @@ class TurnNodes:
             m.prefix_breaks.labels(reason).inc()
 
     # --- archive ------------------------------------------------------------------
-    async def archive(self, state: TurnState, runtime: Rt) -> dict[str, Any]:
+    async def archive(
+        self, state: TurnState, runtime: Rt
+    ) -> Command[Literal["prepare", "__end__"]]:
         # Off the critical path: `done` has gone out already; the archiver cuts,
         # summarises, embeds and upserts the batch in a background task.
         runtime.context.deps.archiver.schedule(state["tenant"], state["session_id"])
-        return {}
+        return Command(goto=_ended(runtime.context, state, {}))
+
+
+def _fresh(timings: dict[str, float]) -> Any:
+    """A turn's first timings: they replace the channel's (a pooled run's
+    channel still holds its previous turn's) instead of merging into it."""
+    return Overwrite(timings)
+
+
+_OUTPUT_KEYS = tuple(TurnOutput.__annotations__)
+
+
+def _ended(
+    ctx: TurnContext, state: TurnState, update: Mapping[str, Any]
+) -> Literal["prepare", "__end__"]:
+    """Where the node that ends a turn goes: back to ``prepare``, to wait for
+    the next turn, when the run is one of the runner's pool and stays in it;
+    else to the end. Either way the turn's output goes to whoever waits for it
+    (``TurnContext.end_turn``)."""
+    out: dict[str, Any] = {k: update[k] if k in update else state.get(k) for k in _OUTPUT_KEYS}
+    timings = update.get("timings")
+    if isinstance(timings, Overwrite):
+        out["timings"] = dict(timings.value)
+    else:
+        out["timings"] = {**(state.get("timings") or {}), **(timings or {})}
+    return "prepare" if ctx.end_turn(out) else "__end__"
 
 
 async def _start_reply(

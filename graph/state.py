@@ -119,19 +119,37 @@ class TurnContext:
     # When the request arrived (perf_counter), for TTFT.
     started: float
     run: TurnRun = field(default_factory=TurnRun)
-    # A run started ahead of its turn (graph/builder.py): ``prepare`` waits on
-    # this for the turn's input and the context variables of the turn's task.
+    # A run of the runner's pool (graph/builder.py): ``prepare`` waits on this
+    # for its next turn's input and the context variables of the turn's task.
     handoff: asyncio.Future[Handoff] | None = None
+    # The turn this pooled run is serving now (set by ``prepare``).
+    handed: Handoff | None = None
+    # How a pooled run says its turn has ended (its output): True if the run
+    # then waits for another turn, False if it ends (graph/builder.py).
+    turn_ended: Callable[[dict[str, Any]], bool] | None = None
+
+    def end_turn(self, output: dict[str, Any]) -> bool:
+        """Called by the node that ends the turn: hands the turn's output to
+        whoever waits for it; True if this run serves a next turn (the node
+        then goes back to ``prepare``), False if the run ends with the turn."""
+        if self.handed is None or self.turn_ended is None:
+            return False  # a run of its own: its output is the run's
+        handed, self.handed = self.handed, None
+        if not handed.ended.done():
+            handed.ended.set_result(output)
+        return self.turn_ended(output)
 
 
 @dataclass(frozen=True)
 class Handoff:
-    """What a warm run gets when its turn arrives."""
+    """What a pooled run gets when its turn arrives."""
 
     state: TurnState
     # The turn task's context variables (log fields: tenant, session), which a
     # run started from another task does not have.
     context: tuple[tuple[contextvars.ContextVar[Any], Any], ...]
+    # Set to the turn's output (``TurnOutput``) by the node that ends the turn.
+    ended: asyncio.Future[dict[str, Any]]
 
 
 def _merge(old: dict[str, float] | None, new: dict[str, float] | None) -> dict[str, float]:

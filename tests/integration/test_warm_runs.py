@@ -1,7 +1,8 @@
-"""Warm graph runs (graph/builder.py): runs started ahead of their turns, waiting in
-``prepare`` for one. A turn handed to a warm run must be the same turn as one
-that starts its own run: its input in the state and the checkpoint, the turn
-task's context variables (log fields) in every step, a clean end at stop.
+"""Pooled graph runs (graph/builder.py): runs waiting in ``prepare`` for a turn,
+each serving turn after turn. A turn handed to a pooled run must be the same turn
+as one that starts its own run: its input in the state and the checkpoint, the
+turn task's context variables (log fields) in every step, nothing of the run's
+previous turn, a clean end at stop, a failure that ends the run with its turn.
 Real Redis, the real services, the offline development LLM."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 from app.services import Services
 from graph.checkpointer import RedisCheckpointSaver
 from graph.events import Done, Meta, Token, TurnEvent
+from graph.guard import InputRejected
 from graph.state import TurnControl, TurnInput
 from infra.dev_llm import OfflineDevLLM
 from tests.harness import make_settings
@@ -41,18 +43,19 @@ def _input(session: str, message: str) -> TurnInput:
 
 
 async def _turn(
-    services: Services, inp: TurnInput, probe: str
+    services: Services, inp: TurnInput, probe: str | None
 ) -> tuple[dict[str, Any], list[tuple[str, str | None]]]:
-    """Runs ``inp`` from a task of its own with PROBE set there, as the app runs a
-    turn with its log fields set; returns the output and, per event, what PROBE
-    read where the event was emitted."""
+    """Runs ``inp`` from a task of its own with PROBE set there (unless None), as
+    the app runs a turn with its log fields set; returns the output and, per
+    event, what PROBE read where the event was emitted."""
     seen: list[tuple[str, str | None]] = []
 
     def emit(event: TurnEvent) -> None:
         seen.append((event.name, PROBE.get()))
 
     async def run() -> dict[str, Any]:
-        PROBE.set(probe)
+        if probe is not None:
+            PROBE.set(probe)
         return await services.runner.run(inp, TurnControl(emit=emit))
 
     return await asyncio.create_task(run()), seen
@@ -145,3 +148,79 @@ async def test_a_turn_cancelled_while_it_runs_cancels_its_warm_run(services: Ser
         await task
     assert warm.cancelled()  # the run the turn was handed went with it
     assert isinstance(events[0], Meta) and not any(isinstance(e, Done) for e in events)
+
+
+async def test_a_pooled_run_serves_turn_after_turn_from_a_clean_state(
+    tmp_path: Path, any_redis_url: str
+) -> None:
+    s = Services(make_settings(tmp_path, any_redis_url, graph_warm_runs=1))
+    await s.start()
+    try:
+        (run,) = s.runner.waiting
+        first = f"s-{uuid.uuid4().hex[:8]}"
+        retrieving = TurnInput(**{**_input(first, "what did I say about Lisbon?").__dict__,
+                                  "retrieve": "always"})  # fmt: skip
+        out1, _ = await _turn(s, retrieving, "turn-1")
+        assert "retrieve" in out1["timings"]
+        second = f"s-{uuid.uuid4().hex[:8]}"
+        # From a task that never set PROBE: the first turn's value must not show.
+        out2, seen = await _turn(s, _input(second, "hello again"), None)
+        # The one run served both turns, and waits for a third.
+        assert s.runner.waiting == [run] and not run.done()
+        assert s.runner.handoffs == 2
+        # The second turn is its own: nothing of the first in its output or its state.
+        assert out2["turn"] == 1 and out2["status"] == "complete"
+        assert "retrieve" not in out2["timings"] and set(out2["timings"]) >= {"prepare", "commit"}
+        assert seen and all(probe is None for _, probe in seen), seen
+        saver = RedisCheckpointSaver(s.redis)
+        config: Any = {"configurable": {"thread_id": f"default:{second}", "checkpoint_ns": ""}}
+        tup = await saver.aget_tuple(config)
+        assert tup is not None
+        values = tup.checkpoint["channel_values"]
+        assert values["session_id"] == second and values["message"] == "hello again"
+        assert values["memories"] == [] and values["need_memory"] is False
+        assert [m["content"] for m in values["messages"] if m["role"] == "user"] == ["hello again"]
+    finally:
+        await s.stop()
+
+
+async def test_a_pooled_run_retires_after_its_turns(tmp_path: Path, any_redis_url: str) -> None:
+    s = Services(make_settings(tmp_path, any_redis_url, graph_warm_runs=1, graph_run_turns=2))
+    await s.start()
+    try:
+        (run,) = s.runner.waiting
+        session = f"s-{uuid.uuid4().hex[:8]}"
+        for n in range(2):
+            out, _ = await _turn(s, _input(session, f"question {n}"), f"turn-{n}")
+            assert out["turn"] == n + 1
+        # Its second turn was its last: the run ended there, and another waits.
+        await asyncio.wait_for(asyncio.shield(run), 5)
+        assert run.done() and not run.cancelled() and run.exception() is None
+        (fresh,) = s.runner.waiting
+        assert fresh is not run
+        out, _ = await _turn(s, _input(session, "question 2"), "turn-2")
+        assert out["turn"] == 3 and s.runner.waiting == [fresh]
+    finally:
+        await s.stop()
+
+
+async def test_a_step_that_fails_ends_its_run_with_the_turns_error(
+    tmp_path: Path, any_redis_url: str
+) -> None:
+    s = Services(make_settings(tmp_path, any_redis_url, graph_warm_runs=1))
+    await s.start()
+    try:
+        (run,) = s.runner.waiting
+        session = f"s-{uuid.uuid4().hex[:8]}"
+        # Past the app's check, prepare's own refuses it: an error inside a step.
+        too_long = _input(session, "x" * (s.settings.max_message_chars + 1))
+        with pytest.raises(InputRejected) as refused:
+            await asyncio.wait_for(_turn(s, too_long, "bad"), 10)
+        assert refused.value.code == "message_too_long"
+        assert run.done() and isinstance(run.exception(), InputRejected)
+        # The next turn gets another run and completes.
+        out, _ = await asyncio.wait_for(_turn(s, _input(session, "a fair question"), "ok"), 10)
+        assert out["turn"] == 1 and out["status"] == "complete"
+        assert s.runner.waiting and s.runner.waiting[0] is not run
+    finally:
+        await s.stop()
