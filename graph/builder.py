@@ -102,7 +102,7 @@ class TurnRunner:
       set-up between a turn and its LLM request's write (measured at 200
       sessions: +2.0 ms median TTFT overhead instead of +1.2).
     - A run retires after ``TIERMEM_GRAPH_RUN_TURNS`` turns: LangGraph keeps
-      the id of every task a run has run (a few hundred bytes a turn), so a
+      the id of every task a run has run (about 0.75 KB a turn), so a
       run must not live for ever.
     - Each step a turn runs counts against the run's recursion limit, which
       is a turn's worth (two steps per LLM step, plus the rest) times the

@@ -215,8 +215,8 @@ class Settings(BaseSettings):
     # turn, so LangGraph's run set-up is neither between a request and its LLM
     # call nor paid every turn. 0: every turn is a run of its own.
     graph_warm_runs: int = Field(default=8, ge=0, le=64)
-    # Turns one pooled run serves before it ends (LangGraph keeps a few hundred
-    # bytes per turn of a run's history, so a run must not live for ever).
+    # Turns one pooled run serves before it ends (LangGraph keeps about 0.75 KB
+    # a turn of a run's history, so a run must not live for ever).
     graph_run_turns: int = Field(default=1000, ge=1, le=100_000)
     # How often the agents file and the skills folder are checked for changes.
     config_reload_s: float = Field(default=5.0, gt=0)
