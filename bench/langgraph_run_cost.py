@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import uvloop
 from langgraph.graph import END, START, StateGraph
@@ -44,15 +44,8 @@ from langgraph.types import Command
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Table, machine_info, machine_line, write_results
+from bench.graph_relay import RelayState
 from graph.state import TurnOutput, TurnState
-
-
-class RelayState(TypedDict, total=False):
-    session_id: str
-    message: str
-    turn_id: str
-    reply: str
-    usage: dict[str, Any]
 
 
 @dataclass(eq=False)

@@ -8,6 +8,7 @@ Real Redis, the real services, the offline development LLM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +34,17 @@ async def services(tmp_path: Path, any_redis_url: str) -> AsyncIterator[Services
     await s.start()
     yield s
     await s.stop()
+
+
+@contextlib.asynccontextmanager
+async def _pool_of_one(tmp_path: Path, redis_url: str, **overrides: Any) -> AsyncIterator[Services]:
+    """Services whose runner pools a single run: every turn is that run's."""
+    s = Services(make_settings(tmp_path, redis_url, graph_warm_runs=1, **overrides))
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()
 
 
 def _input(session: str, message: str) -> TurnInput:
@@ -153,9 +165,7 @@ async def test_a_turn_cancelled_while_it_runs_cancels_its_warm_run(services: Ser
 async def test_a_pooled_run_serves_turn_after_turn_from_a_clean_state(
     tmp_path: Path, any_redis_url: str
 ) -> None:
-    s = Services(make_settings(tmp_path, any_redis_url, graph_warm_runs=1))
-    await s.start()
-    try:
+    async with _pool_of_one(tmp_path, any_redis_url) as s:
         (run,) = s.runner.waiting
         first = f"s-{uuid.uuid4().hex[:8]}"
         retrieving = TurnInput(**{**_input(first, "what did I say about Lisbon?").__dict__,
@@ -180,47 +190,37 @@ async def test_a_pooled_run_serves_turn_after_turn_from_a_clean_state(
         assert values["session_id"] == second and values["message"] == "hello again"
         assert values["memories"] == [] and values["need_memory"] is False
         assert [m["content"] for m in values["messages"] if m["role"] == "user"] == ["hello again"]
-    finally:
-        await s.stop()
 
 
 async def test_a_pooled_run_retires_after_its_turns(tmp_path: Path, any_redis_url: str) -> None:
-    s = Services(make_settings(tmp_path, any_redis_url, graph_warm_runs=1, graph_run_turns=2))
-    await s.start()
-    try:
+    async with _pool_of_one(tmp_path, any_redis_url, graph_run_turns=2) as s:
         (run,) = s.runner.waiting
         session = f"s-{uuid.uuid4().hex[:8]}"
         for n in range(2):
             out, _ = await _turn(s, _input(session, f"question {n}"), f"turn-{n}")
             assert out["turn"] == n + 1
         # Its second turn was its last: the run ended there, and another waits.
-        await asyncio.wait_for(asyncio.shield(run), 5)
+        await asyncio.wait_for(asyncio.shield(run), 30)  # a guard: it ends at once
         assert run.done() and not run.cancelled() and run.exception() is None
         (fresh,) = s.runner.waiting
         assert fresh is not run
         out, _ = await _turn(s, _input(session, "question 2"), "turn-2")
         assert out["turn"] == 3 and s.runner.waiting == [fresh]
-    finally:
-        await s.stop()
 
 
 async def test_a_step_that_fails_ends_its_run_with_the_turns_error(
     tmp_path: Path, any_redis_url: str
 ) -> None:
-    s = Services(make_settings(tmp_path, any_redis_url, graph_warm_runs=1))
-    await s.start()
-    try:
+    async with _pool_of_one(tmp_path, any_redis_url) as s:
         (run,) = s.runner.waiting
         session = f"s-{uuid.uuid4().hex[:8]}"
         # Past the app's check, prepare's own refuses it: an error inside a step.
         too_long = _input(session, "x" * (s.settings.max_message_chars + 1))
         with pytest.raises(InputRejected) as refused:
-            await asyncio.wait_for(_turn(s, too_long, "bad"), 10)
+            await asyncio.wait_for(_turn(s, too_long, "bad"), 30)  # a guard, not a wait
         assert refused.value.code == "message_too_long"
         assert run.done() and isinstance(run.exception(), InputRejected)
         # The next turn gets another run and completes.
-        out, _ = await asyncio.wait_for(_turn(s, _input(session, "a fair question"), "ok"), 10)
+        out, _ = await asyncio.wait_for(_turn(s, _input(session, "a fair question"), "ok"), 30)
         assert out["turn"] == 1 and out["status"] == "complete"
         assert s.runner.waiting and s.runner.waiting[0] is not run
-    finally:
-        await s.stop()
