@@ -42,6 +42,11 @@ from langgraph.types import Command
 from starlette.responses import StreamingResponse
 
 from bench.bare_relay import TurnBody, chat_request, frame, relay_app, serve_relay
+from infra.settings import Settings
+
+# tiermem's own defaults (TIERMEM_GRAPH_WARM_RUNS, TIERMEM_GRAPH_RUN_TURNS).
+WARM_RUNS: int = Settings.model_fields["graph_warm_runs"].default
+RUN_TURNS: int = Settings.model_fields["graph_run_turns"].default
 
 
 class RelayState(TypedDict, total=False):
@@ -81,10 +86,11 @@ class RelayContext:
 async def prepare(state: RelayState, runtime: Runtime[RelayContext]) -> dict[str, Any]:
     ctx = runtime.context
     update: dict[str, Any] = {"reply": ""}
+    turn = state
     if ctx.handoff is not None:  # a pooled run: wait for its turn
-        update.update(await ctx.handoff)
+        turn = await ctx.handoff
         ctx.handoff = None
-    turn = {**state, **update}
+        update.update(turn)
     ctx.send(turn["turn_id"], "meta", {"turn_id": turn["turn_id"],
                                        "session_id": turn["session_id"]})  # fmt: skip
     return update
@@ -156,7 +162,7 @@ def build_graph() -> Any:
 @dataclass(eq=False)
 class _Run:
     ctx: RelayContext
-    task: asyncio.Task[Any] | None = None
+    task: asyncio.Task[Any]
     ended: asyncio.Future[None] | None = None  # the turn it serves now
     turns: int = 0
 
@@ -166,41 +172,43 @@ class RunPool:
     them: at most ``warm_runs`` wait in ``prepare``; a run retires after
     ``run_turns`` turns; a turn that finds none waiting starts one."""
 
-    def __init__(self, graph: Any, warm_runs: int, run_turns: int) -> None:
+    def __init__(self, graph: Any, make_ctx: Callable[[], RelayContext], warm_runs: int,
+                 run_turns: int) -> None:  # fmt: skip
         self.graph = graph
+        self.make_ctx = make_ctx
         self.warm_runs = warm_runs
         self.run_turns = run_turns
         self.waiting: deque[_Run] = deque()
-        self.closed = False
 
-    def hand(self, state: dict[str, Any], make_ctx: Callable[[], RelayContext], emit: Emit,
-             started: float, rec: dict[str, Any]) -> asyncio.Future[None]:  # fmt: skip
+    def hand(self, state: RelayState, emit: Emit, started: float,
+             rec: dict[str, Any]) -> asyncio.Future[None]:  # fmt: skip
         """Gives the turn (``state``) to a waiting run, or to a new one; the
         future resolves when the turn has ended (its ``done`` emitted), or fails
         with the run's error."""
-        while self.waiting and self.waiting[0].task is not None and self.waiting[0].task.done():
+        while self.waiting and self.waiting[0].task.done():
             self.waiting.popleft()
-        run = self.waiting.popleft() if self.waiting else self._start(make_ctx())
+        run = self.waiting.popleft() if self.waiting else self._start()
         ctx = run.ctx
         ctx.emit, ctx.started, ctx.rec, ctx.seq = emit, started, rec, 0
         run.turns += 1
         run.ended = asyncio.get_running_loop().create_future()
         assert ctx.handoff is not None
-        ctx.handoff.set_result(state)  # type: ignore[arg-type]
+        ctx.handoff.set_result(state)
         return run.ended
 
-    def refill(self, make_ctx: Callable[[], RelayContext]) -> None:
+    def refill(self) -> None:
         """Starts runs until ``warm_runs`` wait (at the first turn and after each)."""
-        while not self.closed and len(self.waiting) < self.warm_runs:
-            self.waiting.append(self._start(make_ctx()))
+        while len(self.waiting) < self.warm_runs:
+            self.waiting.append(self._start())
 
-    def _start(self, ctx: RelayContext) -> _Run:
-        run = _Run(ctx)
+    def _start(self) -> _Run:
+        ctx = self.make_ctx()
         ctx.handoff = asyncio.get_running_loop().create_future()
-        ctx.end_turn = lambda: self._turn_ended(run)
-        run.task = asyncio.create_task(self.graph.ainvoke(
+        # The task starts at the loop's next turn, after ``end_turn`` is set.
+        run = _Run(ctx, asyncio.create_task(self.graph.ainvoke(
             {}, context=ctx, config={"recursion_limit": 3 * self.run_turns + 4},
-        ))  # fmt: skip
+        )))  # fmt: skip
+        ctx.end_turn = lambda: self._turn_ended(run)
         run.task.add_done_callback(lambda t: self._run_ended(run, t))
         return run
 
@@ -209,7 +217,7 @@ class RunPool:
         ctx.emit(None)  # the response's end
         assert run.ended is not None
         run.ended.set_result(None)
-        if self.closed or run.turns >= self.run_turns or len(self.waiting) >= self.warm_runs:
+        if run.turns >= self.run_turns or len(self.waiting) >= self.warm_runs:
             return False
         ctx.emit = _no_turn
         ctx.handoff = asyncio.get_running_loop().create_future()
@@ -225,15 +233,16 @@ class RunPool:
             run.ctx.emit(None)
 
 
-def build(llm_url: str, warm_runs: int = 8, run_turns: int = 1000) -> FastAPI:
+def build(llm_url: str, warm_runs: int = WARM_RUNS, run_turns: int = RUN_TURNS) -> FastAPI:
     records: list[dict[str, Any]] = []
     app, state = relay_app(llm_url, records)
     graph = build_graph()
-    pool = RunPool(graph, warm_runs, run_turns)
     tasks: set[asyncio.Task[Any]] = set()
 
     def new_ctx(emit: Emit = _no_turn, started: float = 0.0) -> RelayContext:
         return RelayContext(emit, state["http"], llm_url, state["model"], started)
+
+    pool = RunPool(graph, new_ctx, warm_runs, run_turns)
 
     @app.post("/v1/sessions/{session_id}/turns")
     async def turn(session_id: str, body: TurnBody) -> StreamingResponse:
@@ -241,11 +250,11 @@ def build(llm_url: str, warm_runs: int = 8, run_turns: int = 1000) -> FastAPI:
         turn_id = uuid.uuid4().hex
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         rec: dict[str, Any] = {"session": session_id, "l1_hit": None}
-        inp: dict[str, Any] = {"session_id": session_id, "message": body.message,
-                               "turn_id": turn_id}  # fmt: skip
+        inp: RelayState = {"session_id": session_id, "message": body.message,
+                           "turn_id": turn_id}  # fmt: skip
         ended: asyncio.Future[Any]
         if warm_runs > 0:
-            ended = pool.hand(inp, new_ctx, queue.put_nowait, started, rec)
+            ended = pool.hand(inp, queue.put_nowait, started, rec)
         else:
             ctx = new_ctx(queue.put_nowait, started)
             ctx.rec = rec
@@ -265,7 +274,7 @@ def build(llm_url: str, warm_runs: int = 8, run_turns: int = 1000) -> FastAPI:
                 yield item
             await ended  # a failed run fails the response (the driver counts it)
             if warm_runs > 0:
-                pool.refill(new_ctx)
+                pool.refill()
             rec["t_end"] = time.perf_counter() - started
             rec["own"] = rec["t_end"] - rec.get("llm_wait", 0.0)
             rec["after_llm"] = rec["t_end"] - rec.get("t_llm_done", rec["t_end"])
@@ -284,10 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--warm-runs",
         type=int,
-        default=8,
+        default=WARM_RUNS,
         help="runs waiting for a turn (TIERMEM_GRAPH_WARM_RUNS); 0: a run per turn",
     )
-    p.add_argument("--run-turns", type=int, default=1000,
+    p.add_argument("--run-turns", type=int, default=RUN_TURNS,
                    help="turns a pooled run serves (TIERMEM_GRAPH_RUN_TURNS)")  # fmt: skip
     pool, rest = p.parse_known_args(argv)
     serve_relay(lambda url: build(url, pool.warm_runs, pool.run_turns), __doc__, rest)

@@ -75,6 +75,7 @@ from bench.common import (
     with_marker,
     write_results,
 )
+from bench.graph_relay import RUN_TURNS, WARM_RUNS
 
 console = Console()
 
@@ -669,7 +670,7 @@ def tables(levels: list[dict[str, Any]], fig: dict[str, Any] | None, args: argpa
                            num(f["cpu"]), num(tm_cpu)])  # fmt: skip
         runs = (
             f"its runs pooled as tiermem's are ({args.graph_relay_warm_runs} waiting, "
-            "1000 turns a run)"
+            f"{RUN_TURNS} turns a run)"
             if args.graph_relay_warm_runs > 0
             else "a run per turn"
         )
@@ -854,7 +855,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "its runs pooled as tiermem's are): the floor that structure sets under tiermem",
     )  # fmt: skip
     p.add_argument(
-        "--graph-relay-warm-runs", type=int, default=8,
+        "--graph-relay-warm-runs", type=int, default=WARM_RUNS,
         help="the graph relay's pool (as TIERMEM_GRAPH_WARM_RUNS); 0: a run per turn",
     )  # fmt: skip
     p.add_argument("--skip-levels", action="store_true")
