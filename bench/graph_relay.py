@@ -10,8 +10,9 @@ outlive a client that leaves). No memory, no storage, no tools.
 The runs are pooled the way tiermem's ``TurnRunner`` pools them (graph/builder.py),
 with the same defaults: ``--warm-runs`` runs wait in ``prepare`` for a turn; the
 turn's ``commit`` hands the turn back and goes to ``prepare`` again, where the
-run waits for its next turn; a run retires after ``--run-turns`` turns, and a
-turn that finds no run waiting starts one. ``--warm-runs 0`` makes each turn a
+run waits for its next turn; a run retires after ``--run-turns`` turns, a
+turn that finds no run waiting starts one, and a pooled run streams nothing
+(``stream_mode=[]``: its turns end through the context). ``--warm-runs 0`` makes each turn a
 run of its own, started by the turn (the graph relay before tiermem pooled its
 runs).
 
@@ -36,6 +37,7 @@ from typing import Any, TypedDict
 import httpx2
 import orjson
 from fastapi import FastAPI
+from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Command
@@ -205,12 +207,17 @@ class RunPool:
         ctx = self.make_ctx()
         ctx.handoff = asyncio.get_running_loop().create_future()
         # The task starts at the loop's next turn, after ``end_turn`` is set.
-        run = _Run(ctx, asyncio.create_task(self.graph.ainvoke(
-            {}, context=ctx, config={"recursion_limit": 3 * self.run_turns + 4},
-        )))  # fmt: skip
+        run = _Run(ctx, asyncio.create_task(self._serve(ctx)))
         ctx.end_turn = lambda: self._turn_ended(run)
         run.task.add_done_callback(lambda t: self._run_ended(run, t))
         return run
+
+    async def _serve(self, ctx: RelayContext) -> None:
+        # Streams nothing, as tiermem's pooled runs (graph/builder.py): the
+        # turn's end is ``end_turn``, not the run's output.
+        config: RunnableConfig = {"recursion_limit": 3 * self.run_turns + 4}
+        async for _ in self.graph.astream({}, context=ctx, config=config, stream_mode=[]):
+            pass
 
     def _turn_ended(self, run: _Run) -> bool:
         ctx = run.ctx
@@ -261,7 +268,7 @@ def build(llm_url: str, warm_runs: int = WARM_RUNS, run_turns: int = RUN_TURNS) 
 
             async def run() -> None:
                 try:
-                    await graph.ainvoke(inp, context=ctx)
+                    await graph.ainvoke(inp, context=ctx, version="v2")
                 finally:
                     queue.put_nowait(None)
 

@@ -16,7 +16,10 @@ uvloop as the servers run):
   halved, is one more step;
 - **LangGraph, one run for many turns**: the 3-node graph with an edge from ``commit``
   back to ``prepare``, which waits for the next turn: the per-run set-up (config,
-  callbacks, channels, the loop) paid once instead of per turn.
+  callbacks, channels, the loop) paid once instead of per turn; run with ``ainvoke``,
+  which streams every step's updates and values to find the last;
+- **the same, streaming nothing**: ``astream(stream_mode=[])``, as tiermem's pooled runs
+  (graph/builder.py), whose turns end through the context, not the run's output.
 
 Under load each of these costs more (a busy process runs colder caches):
 ``bench/turn_overhead.py --graph-relay`` measures the same structure at 200 sessions.
@@ -31,7 +34,7 @@ import asyncio
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,15 +155,23 @@ async def per_turn_us(turn: Callable[[], Awaitable[Any]], turns: int, repeats: i
     return statistics.median(batches)
 
 
-async def looping_us(turns: int, repeats: int) -> float:
+async def _drain(chunks: AsyncIterator[Any]) -> None:
+    async for _ in chunks:
+        pass
+
+
+async def looping_us(turns: int, repeats: int, stream: bool = True) -> float:
     graph = looping_graph()
     batches = []
     for i in range(repeats + 1):
         ctx = Ctx(asyncio.Queue(), asyncio.Queue())
         assert ctx.turns is not None and ctx.done is not None
         t0 = time.process_time()
+        config = {"recursion_limit": 4 * turns + 8}
         run = asyncio.create_task(
-            graph.ainvoke({}, context=ctx, config={"recursion_limit": 4 * turns + 8})
+            graph.ainvoke({}, context=ctx, config=config)
+            if stream
+            else _drain(graph.astream({}, context=ctx, config=config, stream_mode=[]))
         )
         for _ in range(turns):
             ctx.turns.put_nowait(dict(TURN_INPUT))
@@ -197,6 +208,9 @@ async def measure(turns: int, repeats: int) -> dict[str, float]:
             lambda: five.ainvoke(TURN_INPUT, context=Ctx()), turns, repeats
         ),
         "LangGraph, one run for many turns": await looping_us(turns, repeats),
+        "LangGraph, one run for many turns, streaming nothing": await looping_us(
+            turns, repeats, stream=False
+        ),
     }
 
 
