@@ -12,9 +12,9 @@ with the same defaults: ``--warm-runs`` runs wait in ``prepare`` for a turn; the
 turn's ``commit`` hands the turn back and goes to ``prepare`` again, where the
 run waits for its next turn; a run retires after ``--run-turns`` turns, a
 turn that finds no run waiting starts one, and a pooled run streams nothing
-(``stream_mode=[]``: its turns end through the context). ``--warm-runs 0`` makes each turn a
-run of its own, started by the turn (the graph relay before tiermem pooled its
-runs).
+(``run_streaming_nothing``: its turns end through the context). ``--warm-runs
+0`` makes each turn a run of its own, started by the turn (the graph relay
+before tiermem pooled its runs).
 
 What it costs over the bare relay is the floor the graph and the decoupled turn
 set under tiermem's CPU and TTFT: ``bench/turn_overhead.py --graph-relay`` runs
@@ -44,6 +44,7 @@ from langgraph.types import Command
 from starlette.responses import StreamingResponse
 
 from bench.bare_relay import TurnBody, chat_request, frame, relay_app, serve_relay
+from graph.runs import run_streaming_nothing
 from infra.settings import Settings
 
 # tiermem's own defaults (TIERMEM_GRAPH_WARM_RUNS, TIERMEM_GRAPH_RUN_TURNS).
@@ -207,17 +208,11 @@ class RunPool:
         ctx = self.make_ctx()
         ctx.handoff = asyncio.get_running_loop().create_future()
         # The task starts at the loop's next turn, after ``end_turn`` is set.
-        run = _Run(ctx, asyncio.create_task(self._serve(ctx)))
+        config: RunnableConfig = {"recursion_limit": 3 * self.run_turns + 4}
+        run = _Run(ctx, asyncio.create_task(run_streaming_nothing(self.graph, {}, ctx, config)))
         ctx.end_turn = lambda: self._turn_ended(run)
         run.task.add_done_callback(lambda t: self._run_ended(run, t))
         return run
-
-    async def _serve(self, ctx: RelayContext) -> None:
-        # Streams nothing, as tiermem's pooled runs (graph/builder.py): the
-        # turn's end is ``end_turn``, not the run's output.
-        config: RunnableConfig = {"recursion_limit": 3 * self.run_turns + 4}
-        async for _ in self.graph.astream({}, context=ctx, config=config, stream_mode=[]):
-            pass
 
     def _turn_ended(self, run: _Run) -> bool:
         ctx = run.ctx

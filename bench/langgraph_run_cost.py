@@ -18,8 +18,9 @@ uvloop as the servers run):
   back to ``prepare``, which waits for the next turn: the per-run set-up (config,
   callbacks, channels, the loop) paid once instead of per turn; run with ``ainvoke``,
   which streams every step's updates and values to find the last;
-- **the same, streaming nothing**: ``astream(stream_mode=[])``, as tiermem's pooled runs
-  (graph/builder.py), whose turns end through the context, not the run's output.
+- **the same, streaming nothing**: ``astream(stream_mode=[])``, the way tiermem's pooled
+  runs go (``graph.runs.run_streaming_nothing``), whose turns end through the
+  context, not the run's output.
 
 Under load each of these costs more (a busy process runs colder caches):
 ``bench/turn_overhead.py --graph-relay`` measures the same structure at 200 sessions.
@@ -34,12 +35,13 @@ import asyncio
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import uvloop
+from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Command
@@ -48,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Table, machine_info, machine_line, write_results
 from bench.graph_relay import RelayState
+from graph.runs import run_streaming_nothing
 from graph.state import TurnOutput, TurnState
 
 
@@ -155,11 +158,6 @@ async def per_turn_us(turn: Callable[[], Awaitable[Any]], turns: int, repeats: i
     return statistics.median(batches)
 
 
-async def _drain(chunks: AsyncIterator[Any]) -> None:
-    async for _ in chunks:
-        pass
-
-
 async def looping_us(turns: int, repeats: int, stream: bool = True) -> float:
     graph = looping_graph()
     batches = []
@@ -167,11 +165,11 @@ async def looping_us(turns: int, repeats: int, stream: bool = True) -> float:
         ctx = Ctx(asyncio.Queue(), asyncio.Queue())
         assert ctx.turns is not None and ctx.done is not None
         t0 = time.process_time()
-        config = {"recursion_limit": 4 * turns + 8}
+        config: RunnableConfig = {"recursion_limit": 4 * turns + 8}
         run = asyncio.create_task(
             graph.ainvoke({}, context=ctx, config=config)
             if stream
-            else _drain(graph.astream({}, context=ctx, config=config, stream_mode=[]))
+            else run_streaming_nothing(graph, {}, ctx, config)
         )
         for _ in range(turns):
             ctx.turns.put_nowait(dict(TURN_INPUT))

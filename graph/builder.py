@@ -16,6 +16,7 @@ from langgraph.graph.state import CompiledStateGraph
 
 from graph.events import TurnEvent
 from graph.nodes import TurnDeps, TurnNodes
+from graph.runs import run_streaming_nothing
 from graph.state import (
     Handoff,
     TurnContext,
@@ -240,19 +241,12 @@ class TurnRunner:
         # An empty context: the run gets each turn's variables at its handoff.
         context = contextvars.Context()
         config: RunnableConfig = {"recursion_limit": self._turn_steps() * self.run_turns + 2}
-        task = asyncio.create_task(self._serve(ctx, config), context=context)
+        task = asyncio.create_task(
+            run_streaming_nothing(self.graph, _WARM_INPUT, ctx, config), context=context
+        )
         pooled = _PooledRun(ctx, task, context)
         ctx.turn_ended = lambda _output: self._turn_ended(pooled)
         return pooled
-
-    async def _serve(self, ctx: TurnContext, config: RunnableConfig) -> None:
-        """A pooled run, start to end. It streams nothing: each turn's output
-        goes to its caller through ``TurnContext.end_turn``, and a stream (what
-        ``ainvoke`` asks for: every step's updates and values) would build and
-        queue output after every step that nobody reads (a pooled turn's
-        LangGraph CPU, idle: 616 instead of 759 us, bench/langgraph_run_cost.py)."""
-        async for _ in self.graph.astream(_WARM_INPUT, context=ctx, config=config, stream_mode=[]):
-            pass
 
     def refill(self) -> None:
         """Starts runs until ``warm_runs`` wait (at start-up, and as each turn ends)."""
